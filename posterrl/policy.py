@@ -1,0 +1,235 @@
+"""The edit policy: one interface for every stage (SFT, distillation, rollouts, NFT updates).
+
+The tiny default (`model.kind: tiny_flux`) is diffusers' `FluxTransformer2DModel` at tiny size,
+working in pixel space on a square canvas cut into p x p patches (one token = 3*p*p values).
+Conditioning follows FLUX.1 Kontext: the tokens of each input image are appended after the noisy
+tokens, with rotary ids whose first axis says which image a token belongs to (0 = the image being
+generated, i = the i-th input), and the output is read from the noisy tokens only.
+
+The instruction encoder is transformers' `T5EncoderModel` (the class FLUX uses for its long
+prompt encoder) at tiny size behind `ByT5Tokenizer`, which is byte-level and needs no vocabulary
+file, so nothing is downloaded. It is trained with the transformer. Its masked mean stands in for
+FLUX's pooled CLIP vector.
+
+Layout on disk (diffusers style, each part loadable with its own class):
+    posterrl_policy.json   spec: kind, canvas, patch size, text length, default sampler
+    transformer/           FluxTransformer2DModel.save_pretrained
+    text_encoder/          T5EncoderModel.save_pretrained
+    tokenizer/             ByT5Tokenizer.save_pretrained
+    scheduler/             FlowMatchEulerDiscreteScheduler.save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from torch import nn
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from posterrl.config import ModelConfig, RolloutConfig
+
+SPEC_FILE = "posterrl_policy.json"
+
+
+@dataclass
+class SamplerDefaults:
+    solver: str = "euler"
+    num_steps: int = 8
+    shift: float = 1.0
+
+
+@dataclass
+class PolicySpec:
+    kind: str
+    resolution: int  # canvas side R, px
+    patch_size: int  # p
+    max_text_length: int
+    max_inputs: int
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.resolution // self.patch_size) ** 2
+
+
+@dataclass
+class Condition:
+    """Encoded condition of a batch of B samples that all have N input images.
+
+    text:       (B, L, D) instruction hidden states
+    pooled:     (B, D)    masked mean of `text`
+    ref_tokens: (B, N*T, C) packed input-image tokens, T = tokens per image, C = 3*p*p
+    ref_ids:    (N*T, 3)  rotary ids [input index (1..N), row, col]
+    """
+
+    text: torch.Tensor
+    pooled: torch.Tensor
+    ref_tokens: torch.Tensor
+    ref_ids: torch.Tensor
+
+    def repeat_interleave(self, k: int) -> "Condition":
+        """Each sample repeated k times in a row (a prompt group of k samples)."""
+        return Condition(
+            self.text.repeat_interleave(k, 0),
+            self.pooled.repeat_interleave(k, 0),
+            self.ref_tokens.repeat_interleave(k, 0),
+            self.ref_ids,
+        )
+
+
+def _image_ids(grid: int, index: int) -> torch.Tensor:
+    """Rotary ids (grid*grid, 3) of one image: [index, row, col]."""
+    rows = torch.arange(grid).repeat_interleave(grid)
+    cols = torch.arange(grid).repeat(grid)
+    return torch.stack([torch.full_like(rows, index), rows, cols], dim=1).float()
+
+
+class EditPolicy(nn.Module):
+    """v_theta(x_t, t, condition) for poster edits; `forward` is the training-time call."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: T5EncoderModel,
+                 tokenizer: ByT5Tokenizer, spec: PolicySpec):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.spec = spec
+        grid = spec.resolution // spec.patch_size
+        self.register_buffer("noisy_ids", _image_ids(grid, 0), persistent=False)  # (T, 3)
+        self.register_buffer("txt_ids", torch.zeros(spec.max_text_length, 3), persistent=False)  # (L, 3)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, rollout: RolloutConfig | None = None) -> "EditPolicy":
+        if model.kind != "tiny_flux":
+            raise NotImplementedError(
+                f"model.kind={model.kind!r}: only 'tiny_flux' is built in this version of posterrl"
+            )
+        spec = PolicySpec(
+            kind=model.kind,
+            resolution=model.resolution,
+            patch_size=model.patch_size,
+            max_text_length=model.text_encoder.max_length,
+            max_inputs=model.max_inputs,
+            sampler=SamplerDefaults(rollout.solver, rollout.num_steps, rollout.shift) if rollout else SamplerDefaults(),
+        )
+        te, tr = model.text_encoder, model.transformer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model.seed)
+            text_encoder = T5EncoderModel(
+                T5Config(
+                    vocab_size=384,  # ByT5: 256 bytes + 3 specials + 125 sentinels
+                    d_model=te.d_model,
+                    d_kv=te.d_model // te.num_heads,
+                    d_ff=te.d_ff,
+                    num_layers=te.num_layers,
+                    num_heads=te.num_heads,
+                    dropout_rate=0.0,
+                    feed_forward_proj="gated-gelu",
+                )
+            )
+            transformer = FluxTransformer2DModel(
+                patch_size=1,  # patches are packed by the policy, as FluxPipeline packs 2x2 latents
+                in_channels=3 * model.patch_size**2,
+                num_layers=tr.num_layers,
+                num_single_layers=tr.num_single_layers,
+                attention_head_dim=tr.attention_head_dim,
+                num_attention_heads=tr.num_attention_heads,
+                joint_attention_dim=te.d_model,
+                pooled_projection_dim=te.d_model,
+                guidance_embeds=False,
+                axes_dims_rope=tuple(tr.axes_dims_rope),
+            )
+        return cls(transformer, text_encoder, ByT5Tokenizer(), spec)
+
+    # ------------------------------------------------------------------ tensors
+
+    def pack(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) -> (B, T, 3*p*p), tokens in row-major patch order."""
+        b, c, r, _ = images.shape
+        p, g = self.spec.patch_size, r // self.spec.patch_size
+        x = images.reshape(b, c, g, p, g, p)  # (B, 3, g, p, g, p)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)  # (B, T, 3*p*p)
+
+    def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3*p*p) -> (B, 3, R, R); inverse of `pack`."""
+        b, t, _ = tokens.shape
+        p, g = self.spec.patch_size, self.spec.resolution // self.spec.patch_size
+        x = tokens.reshape(b, g, g, 3, p, p)  # (B, g, g, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)  # (B, 3, R, R)
+
+    def tokenize(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instructions -> (input_ids (B, L), attention_mask (B, L)), bytes past L cut."""
+        enc = self.tokenizer(instructions, padding="max_length", truncation=True,
+                             max_length=self.spec.max_text_length, return_tensors="pt")
+        device = self.noisy_ids.device
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def encode_condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         inputs: torch.Tensor) -> Condition:
+        """Token ids (B, L), mask (B, L) and input canvases (B, N, 3, R, R) -> Condition."""
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        weights = attention_mask.unsqueeze(-1).to(text.dtype)  # (B, L, 1)
+        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        b, n = inputs.shape[:2]
+        ref_tokens = self.pack(inputs.flatten(0, 1)).reshape(b, n * self.spec.tokens_per_image, -1)  # (B, N*T, C)
+        grid = self.spec.resolution // self.spec.patch_size
+        ref_ids = torch.cat([_image_ids(grid, i + 1) for i in range(n)]).to(self.noisy_ids.device)  # (N*T, 3)
+        return Condition(text, pooled, ref_tokens.to(text.dtype), ref_ids)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """x_t (B, 3, R, R), t (B,) in [0, 1] -> predicted velocity eps - x0, (B, 3, R, R)."""
+        noisy = self.pack(x_t)  # (B, T, C)
+        hidden = torch.cat([noisy, cond.ref_tokens], dim=1)  # (B, T + N*T, C)
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=cond.text,
+            pooled_projections=cond.pooled,
+            timestep=t.to(hidden.dtype),
+            img_ids=torch.cat([self.noisy_ids, cond.ref_ids]),
+            txt_ids=self.txt_ids,
+            return_dict=False,
+        )[0]  # (B, T + N*T, C)
+        return self.unpack(out[:, : noisy.shape[1]])  # (B, 3, R, R)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Training-time call: encode the condition and predict the velocity in one graph."""
+        return self.velocity(x_t, t, self.encode_condition(input_ids, attention_mask, inputs))
+
+    # ------------------------------------------------------------------ disk
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(directory / "transformer")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        s = self.spec.sampler
+        FlowMatchEulerDiscreteScheduler(shift=s.shift).save_pretrained(directory / "scheduler")
+        (directory / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "EditPolicy":
+        directory = Path(directory)
+        spec_path = directory / SPEC_FILE
+        if not spec_path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: not an exported posterrl policy (no {SPEC_FILE}); pass a directory "
+                "written under <run_dir>/checkpoints/<stage>/"
+            )
+        raw = json.loads(spec_path.read_text())
+        spec = PolicySpec(**{**raw, "sampler": SamplerDefaults(**raw["sampler"])})
+        transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
+        text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder")
+        tokenizer = ByT5Tokenizer.from_pretrained(directory / "tokenizer")
+        return cls(transformer, text_encoder, tokenizer, spec).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
