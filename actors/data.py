@@ -1,0 +1,53 @@
+"""The data stage on the cluster: poster generation split into Ray tasks, one manifest per split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+
+from posterrl.data.manifest import write_manifest
+from posterrl.data.tasks import build_samples, write_samples
+
+
+def _generate_chunk(out_dir: str, start: int, stop: int, seed: int, size: int, split: str,
+                    tasks: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for index in range(start, stop):
+        rows.extend(write_samples(build_samples(index, seed, size, tasks=tuple(tasks), split=split), out_dir))
+    return rows
+
+
+def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, size: int, tasks: list[str],
+                   chunks: int, on_chunk_done=None) -> Path:
+    """Posters start..start+n-1 as Ray tasks; rows are written in index order whatever finishes first.
+
+    Each poster is a pure function of (seed, index), so the result equals one sequential pass.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remote_chunk = ray.remote(num_cpus=0.5)(_generate_chunk)
+    bounds = [start + n * i // chunks for i in range(chunks + 1)]
+    refs = [remote_chunk.remote(str(out_dir), a, b, seed, size, split, tasks)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        if on_chunk_done:
+            on_chunk_done(len(refs) - len(pending), len(refs))
+    rows = [row for chunk_rows in ray.get(refs) for row in chunk_rows]
+    manifest = out_dir / "manifest.jsonl"
+    write_manifest(rows, manifest)
+    stamp = {"split": split, "start": start, "n": n, "seed": seed, "size": size, "tasks": tasks, "rows": len(rows)}
+    (out_dir / "generated.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    return manifest
+
+
+def is_generated(out_dir: Path, split: str, start: int, n: int, seed: int, size: int, tasks: list[str]) -> bool:
+    """True when out_dir already holds exactly this split (lets --resume skip regeneration)."""
+    stamp_path = out_dir / "generated.json"
+    if not stamp_path.is_file() or not (out_dir / "manifest.jsonl").is_file():
+        return False
+    stamp = json.loads(stamp_path.read_text())
+    want = {"split": split, "start": start, "n": n, "seed": seed, "size": size, "tasks": tasks}
+    return all(stamp.get(k) == v for k, v in want.items())

@@ -1,0 +1,71 @@
+"""Manifest rows -> tensors the policy takes, shared by rollouts, evaluation and the learner."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from posterrl.data.manifest import ManifestRow
+from posterrl.images import canvas_tensor
+
+
+@dataclass
+class EditBatch:
+    """B samples that all have N input images.
+
+    inputs:         (B, N, 3, R, R) letterboxed input canvases in [-1, 1]
+    targets:        (B, 3, R, R) letterboxed targets in [-1, 1], or None when rows have no target
+    output_aspects: B pairs (w, h): the aspect the output is cropped to
+    """
+
+    ids: list[str]
+    tasks: list[str]
+    instructions: list[str]
+    inputs: torch.Tensor
+    targets: torch.Tensor | None
+    output_aspects: list[tuple[float, float]]
+
+
+def output_aspect(row: ManifestRow, inputs: Sequence[Image.Image], target: Image.Image | None) -> tuple[float, float]:
+    """The aspect of the image to produce: meta's `target_aspect`, else the target's, else the first input's."""
+    if "target_aspect" in row.meta:
+        w, h = row.meta["target_aspect"]
+        return float(w), float(h)
+    reference = target if target is not None else inputs[0]
+    return float(reference.width), float(reference.height)
+
+
+def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = True) -> EditBatch:
+    counts = {len(r.inputs) for r in rows}
+    if len(counts) != 1:
+        raise ValueError(f"collate needs rows with one number of inputs, got {sorted(counts)}: bucket them first")
+    inputs, targets, aspects = [], [], []
+    for row in rows:
+        images = row.load_inputs()
+        target = row.load_target() if with_targets else None
+        inputs.append(torch.stack([canvas_tensor(im, resolution) for im in images]))
+        if target is not None:
+            targets.append(canvas_tensor(target, resolution))
+        aspects.append(output_aspect(row, images, target))
+    if targets and len(targets) != len(rows):
+        raise ValueError("collate: some rows have a target and some do not")
+    return EditBatch(
+        ids=[r.id for r in rows],
+        tasks=[r.task for r in rows],
+        instructions=[r.instruction for r in rows],
+        inputs=torch.stack(inputs),
+        targets=torch.stack(targets) if targets else None,
+        output_aspects=aspects,
+    )
+
+
+def bucket_by_num_inputs(rows: Sequence[ManifestRow], max_batch: int) -> list[list[ManifestRow]]:
+    """Split rows into batches of at most max_batch that share a number of inputs, keeping order within a bucket."""
+    buckets: dict[int, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        buckets[len(row.inputs)].append(row)
+    return [b[i : i + max_batch] for _, b in sorted(buckets.items()) for i in range(0, len(b), max_batch)]

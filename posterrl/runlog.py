@@ -1,0 +1,64 @@
+"""The run directory: resolved config, TensorBoard, checkpoints and the machine-readable summary.
+
+    <run_dir>/config.yaml     the resolved config the run used
+    <run_dir>/tb/             TensorBoard event files
+    <run_dir>/checkpoints/    <stage>/ exported policies (diffusers layout), DeepSpeed states
+    <run_dir>/data/           generated data (unless data.dir points elsewhere)
+    <run_dir>/summary.json    per stage figures, per task gold metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posterrl.config import Config
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.tb = self.root / "tb"
+        self.checkpoints = self.root / "checkpoints"
+        self.summary_path = self.root / "summary.json"
+        self.config_path = self.root / "config.yaml"
+
+    def create(self, config: Config) -> "RunDir":
+        for d in (self.root, self.tb, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if not self.summary_path.exists():
+            self.write_summary({"run_dir": str(self.root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "stages": {}, "gold": {}})
+        return self
+
+    def data_dir(self, config: Config) -> Path:
+        return Path(config.data.dir) if config.data.dir else self.root / "data"
+
+    def stage_checkpoint(self, stage: str) -> Path:
+        return self.checkpoints / stage
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {"stages": {}, "gold": {}}
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        # Write then rename, so a crash never leaves a half-written summary.
+        tmp = self.summary_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, self.summary_path)
+
+    def record_stage(self, stage: str, figures: dict[str, Any]) -> None:
+        summary = self.summary()
+        summary.setdefault("stages", {})[stage] = figures
+        self.write_summary(summary)
+
+    def record_gold(self, label: str, per_task: dict[str, float]) -> None:
+        """One row of the gold-metric table (rows: policies, columns: tasks and the mean)."""
+        summary = self.summary()
+        summary.setdefault("gold", {})[label] = per_task
+        self.write_summary(summary)

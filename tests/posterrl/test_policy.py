@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from posterrl.policy import SPEC_FILE, EditPolicy
+
+
+def _inputs(policy, batch=3, n_inputs=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = policy.spec.resolution
+    x_t = torch.randn(batch, 3, r, r, generator=g)
+    t = torch.rand(batch, generator=g)
+    refs = torch.rand(batch, n_inputs, 3, r, r, generator=g) * 2 - 1
+    ids, mask = policy.tokenize(["Fill the masked region.", "Extend this poster to its full size.", "x"][:batch])
+    return x_t, t, ids, mask, refs
+
+
+def test_pack_unpack_inverse(tiny_policy):
+    r = tiny_policy.spec.resolution
+    images = torch.randn(2, 3, r, r)
+    tokens = tiny_policy.pack(images)
+    assert tokens.shape == (2, tiny_policy.spec.tokens_per_image, 3 * tiny_policy.spec.patch_size**2)
+    assert torch.equal(tiny_policy.unpack(tokens), images)
+    # token 1 is the second patch of the first patch row
+    p = tiny_policy.spec.patch_size
+    assert torch.equal(tokens[0, 1].reshape(3, p, p), images[0, :, :p, p : 2 * p])
+
+
+def test_velocity_shape_and_input_dependence(tiny_policy):
+    x_t, t, ids, mask, refs = _inputs(tiny_policy)
+    with torch.no_grad():
+        v = tiny_policy(x_t, t, ids, mask, refs)
+        v_other_ref = tiny_policy(x_t, t, ids, mask, refs.flip(1))
+        v_other_text = tiny_policy(x_t, t, ids.flip(0), mask.flip(0), refs)
+    assert v.shape == x_t.shape and torch.isfinite(v).all()
+    # Reference tokens carry their image index in the rotary ids, so their order matters;
+    # the instruction matters too.
+    assert not torch.allclose(v, v_other_ref)
+    assert not torch.allclose(v, v_other_text)
+
+
+def test_gradients_reach_transformer_and_text_encoder(tiny_config):
+    policy = EditPolicy.from_config(tiny_config.model)
+    x_t, t, ids, mask, refs = _inputs(policy)
+    policy(x_t, t, ids, mask, refs).pow(2).mean().backward()
+    assert policy.transformer.x_embedder.weight.grad.abs().sum() > 0
+    assert policy.text_encoder.shared.weight.grad.abs().sum() > 0
+
+
+def test_init_is_seeded(tiny_config):
+    a = EditPolicy.from_config(tiny_config.model)
+    b = EditPolicy.from_config(tiny_config.model)
+    c = EditPolicy.from_config(tiny_config.model.model_copy(update={"seed": 1}))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.transformer.proj_out.weight, c.transformer.proj_out.weight)
+
+
+def test_saved_policy_reloads_bitwise(tiny_policy, tmp_path):
+    tiny_policy.save_pretrained(tmp_path / "policy")
+    assert json.loads((tmp_path / "policy" / SPEC_FILE).read_text())["resolution"] == tiny_policy.spec.resolution
+    reloaded = EditPolicy.from_pretrained(tmp_path / "policy")
+    x_t, t, ids, mask, refs = _inputs(tiny_policy)
+    with torch.no_grad():
+        assert torch.equal(tiny_policy(x_t, t, ids, mask, refs), reloaded(x_t, t, ids, mask, refs))
+    # The transformer is a plain diffusers model on disk.
+    bare = FluxTransformer2DModel.from_pretrained(tmp_path / "policy" / "transformer")
+    assert torch.equal(bare.proj_out.weight, tiny_policy.transformer.proj_out.weight)
+
+
+def test_not_a_policy_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an exported posterrl policy"):
+        EditPolicy.from_pretrained(tmp_path)
+
+
+def test_real_model_kinds_are_refused_clearly(tiny_config):
+    model = tiny_config.model.model_copy(update={"kind": "flux_kontext", "pretrained_path": "/x"})
+    with pytest.raises(NotImplementedError, match="only 'tiny_flux'"):
+        EditPolicy.from_config(model)
