@@ -13,7 +13,7 @@ from rich.console import Console
 from posterrl.config import ConfigError, load_config
 from posterrl.data.manifest import ManifestError
 
-console = Console()
+console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
 
 
 def _quiet_hub_libraries() -> None:
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_args(argv)
     if getattr(args, "task", None):
         from posterrl.data.tasks import TASKS
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ManifestError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 

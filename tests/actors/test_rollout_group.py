@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from actors.rollout_group import RolloutActorGroup, gather
+from posterrl.data.manifest import load_manifest, write_manifest
+from posterrl.data.tasks import TASKS, build_samples, write_samples
+from posterrl.policy import EditPolicy
+from rollout.sampler import SamplerConfig
+from rollout.worker import RolloutWorker
+
+pytestmark = pytest.mark.integration
+
+
+def test_weights_reach_every_actor_and_samples_match_in_process(ray_cluster, tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"rollout": tiny_config.rollout.model_copy(update={"num_steps": 2})})
+    rows = []
+    for index in range(2):
+        rows += write_samples(build_samples(index, seed=5, size=32, tasks=TASKS, split="val"), tmp_path)
+    write_manifest(rows, tmp_path / "manifest.jsonl")
+    rows = load_manifest(tmp_path / "manifest.jsonl").rows
+
+    # Weights that differ from the actors' own initialisation, so a missed sync would show.
+    trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
+    group = RolloutActorGroup(config)
+    try:
+        assert len(group.actors) == config.rollout.num_actors == 2
+        group.load_weights(trained.state_dict(), version=3)
+        refs = group.submit(rows, group_size=2, base_seed=0, chunk=3)
+        assert len(refs) == 4  # 12 rows in chunks of 3, dealt to both actors
+        remote_groups = gather(refs)
+    finally:
+        group.shutdown()
+
+    local = RolloutWorker(model=config.model.model_dump(mode="json"))
+    local.load_weights(trained.state_dict(), version=3)
+    local_groups = local.sample(rows, 2, 0, SamplerConfig(config.rollout.solver, 2, config.rollout.shift))
+    assert [g.prompt_id for g in remote_groups] == [r.id for r in rows]
+    for remote, here in zip(remote_groups, local_groups):
+        assert remote.policy_version == 3
+        assert torch.allclose(remote.samples, here.samples, atol=1e-4)

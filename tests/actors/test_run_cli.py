@@ -1,0 +1,104 @@
+"""Smoke test of the real CLI: `posterrl run` on a real local Ray cluster, then `posterrl sample`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from posterrl.config import load_config
+from posterrl.data.gold import gold_metric
+from posterrl.data.manifest import load_manifest
+from posterrl.data.tasks import TASKS
+
+pytestmark = pytest.mark.integration
+
+OVERRIDES = ["data.n_train=3", "data.n_val=2", "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2",
+             "logging.progress=false"]
+
+
+def posterrl(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "posterrl.cli", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"posterrl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    posterrl("run", "configs/tiny.yaml", *OVERRIDES, "--run-dir", str(run))
+    return run
+
+
+def test_run_directory_layout(run_dir):
+    assert load_config(run_dir / "config.yaml") == load_config("configs/tiny.yaml", OVERRIDES)
+    assert (run_dir / "checkpoints" / "eval" / "posterrl_policy.json").is_file()
+    assert (run_dir / "checkpoints" / "eval" / "transformer" / "config.json").is_file()
+    train = load_manifest(run_dir / "data" / "train" / "manifest.jsonl", require_target=True)
+    assert len(train.rows) == 3 * len(TASKS) and train.skipped == 0
+
+
+def test_summary_has_stage_figures_and_gold_per_task(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["stages"]) == {"data", "eval"}
+    assert summary["stages"]["data"]["train"]["per_task"] == {t: 3 for t in TASKS}
+    gold = summary["gold"]["untrained"]
+    assert set(gold) == {*TASKS, "mean"}
+    assert all(0.0 <= v <= 1.0 for v in gold.values())
+
+
+def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for task in TASKS:
+        assert f"eval/task/{task}/gold" in tags["scalars"]
+        assert f"eval/{task}" in tags["images"]
+        assert f"eval/{task}/instructions/text_summary" in tags["tensors"]
+    image = acc.Images(f"eval/{TASKS[0]}")[0]
+    assert image.width > 0 and image.height > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert acc.Scalars("eval/gold_mean")[0].value == pytest.approx(summary["gold"]["untrained"]["mean"], abs=1e-6)
+
+
+def test_sample_cli_reproduces_the_runs_evaluation(run_dir, tmp_path):
+    out = tmp_path / "samples"
+    posterrl("sample", "--checkpoint", str(run_dir / "checkpoints" / "eval"),
+             "--manifest", str(run_dir / "data" / "val" / "manifest.jsonl"), "--out", str(out), "--seed", "0")
+    rows = load_manifest(run_dir / "data" / "val" / "manifest.jsonl").rows
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted([r.id for r in rows] + ["grid"])
+    gold = json.loads((run_dir / "summary.json").read_text())["gold"]["untrained"]
+    for task in TASKS:
+        first = next(r for r in rows if r.task == task)  # the eval stage scored the first row of each task
+        score = gold_metric(task, Image.open(out / f"{first.id}.png"), first.load_target(), first.meta)
+        assert score == pytest.approx(gold[task], abs=2e-3)
+
+
+def test_rerun_without_resume_refuses_and_resume_keeps_data(run_dir):
+    proc = posterrl("run", "configs/tiny.yaml", *OVERRIDES, "--run-dir", str(run_dir), check=False)
+    assert proc.returncode == 2
+    assert "already holds a run: pass --resume" in proc.stdout
+    stamp = (run_dir / "data" / "train" / "generated.json").stat().st_mtime
+    proc = posterrl("run", "configs/tiny.yaml", *OVERRIDES, "--run-dir", str(run_dir), "--resume")
+    assert "already holds this split, kept" in proc.stdout
+    assert (run_dir / "data" / "train" / "generated.json").stat().st_mtime == stamp
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    proc = posterrl("run", "configs/tiny.yaml", "learner.lrr=1", "--run-dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2
+    assert "did you mean 'learner.lr'?" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unavailable_stage_is_refused_before_ray_starts(tmp_path):
+    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,sft]", "--run-dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2
+    assert "stages ['sft'] are not available in this version" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from posterrl.data.manifest import load_manifest, write_manifest
+from posterrl.data.tasks import TASKS, build_samples, write_samples
+from rollout.sampler import SamplerConfig
+from rollout.worker import RolloutWorker
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    manifest_rows = []
+    for index in range(2):
+        manifest_rows += write_samples(build_samples(index, seed=3, size=32, tasks=TASKS, split="val"), out)
+    write_manifest(manifest_rows, out / "manifest.jsonl")
+    return load_manifest(out / "manifest.jsonl", require_target=True).rows
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_config):
+    return RolloutWorker(model=tiny_config.model.model_dump(mode="json"))
+
+
+def test_groups_come_back_in_row_order_with_version(worker, rows, tiny_policy):
+    worker.load_weights(tiny_policy.state_dict(), version=7)
+    groups = worker.sample(rows, group_size=2, base_seed=0, sampler=SamplerConfig(num_steps=2))
+    assert [g.prompt_id for g in groups] == [r.id for r in rows]
+    r = tiny_policy.spec.resolution
+    for group, row in zip(groups, rows):
+        assert group.policy_version == 7
+        assert group.samples.shape == (2, 3, r, r)
+        images = group.output_images(size=row.load_target().size)
+        assert len(images) == 2 and images[0].size == row.load_target().size
+
+
+def test_a_prompt_samples_the_same_in_any_batch(worker, rows):
+    sampler = SamplerConfig(num_steps=2)
+    alone = worker.sample(rows[:1], group_size=2, base_seed=1, sampler=sampler)[0]
+    in_batch = worker.sample(rows, group_size=2, base_seed=1, sampler=sampler)[0]
+    assert torch.allclose(alone.samples, in_batch.samples, atol=1e-5)
+
+
+def test_worker_needs_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        RolloutWorker()
