@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from actors.cluster import connect
 from actors.data import generate_split, is_generated
 from actors.rollout_group import RolloutActorGroup
-from posterrl.config import Config, ConfigError
+from posterrl.config import STAGE_ORDER, Config, ConfigError
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow, load_manifest, summarize_skips
 from posterrl.data.sheet import task_counts
@@ -40,12 +40,41 @@ class PipelineContext:
     run: RunDir
     console: Console
     writer: SummaryWriter | None
-    global_step: int = 0
+    resume: bool = False
+    global_step: int = 0  # learner steps over all stages so far: the x axis of TensorBoard
     manifests: dict[str, Path] = field(default_factory=dict)  # split -> manifest
+    _rollouts: RolloutActorGroup | None = None
+    _learners: "LearnerGroup | None" = None
 
     def progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=self.console, disable=not self.config.logging.progress, transient=False)
+                        TextColumn("{task.fields[info]}"), console=self.console,
+                        disable=not self.config.logging.progress, transient=False)
+
+    def rollout_group(self) -> RolloutActorGroup:
+        """Started on first use and kept for the whole run."""
+        if self._rollouts is None:
+            self._rollouts = RolloutActorGroup(self.config)
+        return self._rollouts
+
+    def learner_group(self) -> "LearnerGroup":
+        """Started on first use; the same ranks serve every training stage."""
+        if self._learners is None:
+            from actors.learner_group import LearnerGroup
+
+            self._learners = LearnerGroup(self.config)
+        return self._learners
+
+    def scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, self.global_step if step is None else step)
+
+    def shutdown(self) -> None:
+        if self._learners is not None:
+            self._learners.shutdown()
+        if self._rollouts is not None:
+            self._rollouts.shutdown()
 
 
 # ------------------------------------------------------------------------- data
@@ -72,7 +101,7 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
             ctx.console.print(f"data: {out} already holds this split, kept")
         else:
             with ctx.progress() as progress:
-                bar = progress.add_task(f"data: generating {split} ({n} posters)", total=d.chunks)
+                bar = progress.add_task(f"data: generating {split} ({n} posters)", total=d.chunks, info="")
                 generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
                                on_chunk_done=lambda done, total: progress.update(bar, completed=done, total=total))
         load = load_manifest(out / "manifest.jsonl", require_target=True)
@@ -103,24 +132,22 @@ def eval_rows(manifest: Path, per_task: int, tasks: list[str]) -> list[ManifestR
     return [r for t in tasks for r in chosen[t]]
 
 
-def evaluate(ctx: PipelineContext, policy: EditPolicy, label: str, tag_prefix: str = "eval") -> dict[str, float]:
-    """Held-out gold metric per task for `policy`, sampled on the rollout actors."""
+def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[str] | None = None,
+             tag_prefix: str = "eval") -> dict[str, float]:
+    """Held-out gold metric per task for the given weights, sampled on the rollout actors."""
     cfg = ctx.config
     manifest = ctx.manifests.get("val") or Path(cfg.data.val_manifest)
-    rows = eval_rows(manifest, cfg.rollout.eval_per_task, list(cfg.data.tasks))
-    group = RolloutActorGroup(cfg)
-    try:
-        group.load_weights(policy.state_dict(), version=ctx.global_step)
-        refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
-        with ctx.progress() as progress:
-            bar = progress.add_task(f"eval: sampling {label} ({len(rows)} prompts)", total=len(refs))
-            pending = list(refs)
-            while pending:
-                _, pending = ray.wait(pending, num_returns=1)
-                progress.update(bar, completed=len(refs) - len(pending))
-        groups: list[RolloutGroup] = [g for share in ray.get(refs) for g in share]
-    finally:
-        group.shutdown()
+    rows = eval_rows(manifest, cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
+    group = ctx.rollout_group()
+    group.load_weights(policy_state, version=ctx.global_step)
+    refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
+    with ctx.progress() as progress:
+        bar = progress.add_task(f"eval: sampling {label} ({len(rows)} prompts)", total=len(refs), info="")
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress.update(bar, completed=len(refs) - len(pending))
+    groups: list[RolloutGroup] = [g for share in ray.get(refs) for g in share]
 
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)
@@ -154,15 +181,29 @@ def run_eval(ctx: PipelineContext) -> dict[str, Any]:
         policy, label = EditPolicy.from_config(ctx.config.model, ctx.config.rollout), "untrained"
     else:
         policy, label = EditPolicy.from_pretrained(source), source.name
-    per_task = evaluate(ctx, policy, label)
+    per_task = evaluate(ctx, policy.state_dict(), label)
     export = policy.save_pretrained(ctx.run.stage_checkpoint("eval"))
     ctx.run.record_gold(label, per_task)
     return {"policy": label, "checkpoint": str(export), "per_task_prompts": ctx.config.rollout.eval_per_task,
             "seed": ctx.config.rollout.seed, "gold": per_task}
 
 
+def run_sft(ctx: PipelineContext) -> dict[str, Any]:
+    from actors.training import run_sft as sft
+
+    return sft(ctx)
+
+
+def run_distill(ctx: PipelineContext) -> dict[str, Any]:
+    from actors.training import run_distill as distill
+
+    return distill(ctx)
+
+
 STAGE_RUNNERS: dict[str, Callable[[PipelineContext], dict[str, Any]]] = {
     "data": run_data,
+    "sft": run_sft,
+    "distill": run_distill,
     "eval": run_eval,
 }
 
@@ -181,13 +222,14 @@ def print_gold_table(console: Console, gold: dict[str, dict[str, float]]) -> Non
 
 
 def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None, resume: bool = False,
-                 console: Console | None = None) -> dict[str, Any]:
+                 console: Console | None = None, allow_existing: bool = False) -> dict[str, Any]:
+    """Run config.stages in order. allow_existing: add stages to a run directory that holds earlier ones."""
     console = console or Console()
     problems = config.runnable_problems()
     if problems:
         raise ConfigError("cannot run this config:\n  " + "\n  ".join(problems))
     run = RunDir(run_dir)
-    if run.summary_path.exists() and run.summary().get("stages") and not resume:
+    if run.summary_path.exists() and run.summary().get("stages") and not (resume or allow_existing):
         raise ConfigError(f"run directory {run.root} already holds a run: pass --resume to continue it, "
                           "or choose another --run-dir")
     run.create(config)
@@ -200,8 +242,8 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
 
     connect(config, address)
     writer = SummaryWriter(str(run.tb)) if config.logging.tensorboard else None
-    ctx = PipelineContext(config, run, console, writer, global_step=run.summary().get("global_step", 0))
-    done = run.summary().get("stages", {}) if resume else {}
+    ctx = PipelineContext(config, run, console, writer, resume=resume, global_step=run.summary().get("global_step", 0))
+    done = set(run.summary().get("completed", [])) if resume else set()
     try:
         for stage in config.stages:
             if stage in done and stage != "data":
@@ -212,6 +254,10 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
             figures = STAGE_RUNNERS[stage](ctx)
             figures["seconds"] = round(time.perf_counter() - started, 2)
             run.record_stage(stage, figures)
+            summary = run.summary()
+            summary["global_step"] = ctx.global_step
+            summary["completed"] = sorted(set(summary.get("completed", [])) | {stage}, key=STAGE_ORDER.index)
+            run.write_summary(summary)
             console.print(f"stage {stage} finished in {figures['seconds']:.1f} s")
         summary = run.summary()
         summary["global_step"] = ctx.global_step
@@ -221,5 +267,6 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
         console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")
         return summary
     finally:
+        ctx.shutdown()
         if writer is not None:
             writer.close()

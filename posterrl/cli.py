@@ -16,24 +16,23 @@ from posterrl.data.manifest import ManifestError
 console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
 
 
-def _quiet_hub_libraries() -> None:
-    """No download happens here; hide the libraries' weight-loading bars and advice."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline  # imports ray: only when a run starts
 
     run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """`posterrl sft|distill CONFIG`: that stage alone (after `data`, which keeps data already generated)."""
+    config = load_config(args.config, [*args.overrides, f"stages=[data,{args.command}]"])
+    run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from actors.pipeline import run_pipeline
+
+    run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console,
+                 allow_existing=args.command == "distill")
     return 0
 
 
@@ -147,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     run.set_defaults(func=cmd_run)
 
+    for stage, text in (("sft", "train the local-editing and global-creation experts"),
+                        ("distill", "distill the experts of a run directory into one student")):
+        one = sub.add_parser(stage, help=f"{text} (the {stage} stage alone)")
+        one.add_argument("config")
+        one.add_argument("overrides", nargs="*")
+        one.add_argument("--run-dir", type=Path, help="run directory (distill: the one holding the sft experts)")
+        one.add_argument("--address")
+        one.add_argument("--resume", action="store_true")
+        one.set_defaults(func=cmd_stage)
+
     cfg = sub.add_parser("config", help="validate a config and print it resolved, with derived sizes")
     cfg.add_argument("config")
     cfg.add_argument("overrides", nargs="*")
@@ -189,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.task not in TASKS:
             parser.error(f"--task {args.task!r}: expected one of {', '.join(TASKS)}")
-    _quiet_hub_libraries()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from posterrl.policy import quiet_model_libraries
+
+    quiet_model_libraries()
     try:
         return args.func(args)
     except (ConfigError, ManifestError, FileNotFoundError) as exc:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The pipeline order; a config lists a subsequence of it.
 STAGE_ORDER = ("data", "sft", "distill", "reward", "rl", "eval")
 # Stages this version can run. The others are part of the CLI contract and arrive with later work.
-IMPLEMENTED_STAGES = ("data", "eval")
+IMPLEMENTED_STAGES = ("data", "sft", "distill", "eval")
 POLICY_KINDS = ("tiny_flux", "flux_kontext", "qwen_image_edit")
 IMPLEMENTED_POLICY_KINDS = ("tiny_flux",)
 
@@ -108,6 +108,14 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)  # global, across ranks and accumulation
     micro_batch_size: int = Field(8, ge=1)  # per rank per forward
+    sft_steps: int = Field(200, ge=1)  # per expert
+    distill_steps: int = Field(200, ge=1)
+    lambda_expert: float = Field(1.0, ge=0)  # weight of ||v_student - v_expert||^2 (PosterOmni: 1)
+    distill_init: Literal["config", "local", "global"] = "local"  # the student's starting weights
+    eval_every: int = Field(100, ge=1)  # steps between held-out gold evaluations
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
 
 
 class DeepSpeedConfig(_Section):
@@ -175,8 +183,9 @@ class Config(_Section):
             problems.append(
                 f"stages={self.stages} must be distinct and in pipeline order {list(STAGE_ORDER)}"
             )
-        if "eval" in self.stages and "data" not in self.stages and not self.data.val_manifest:
-            problems.append("stages has 'eval' without 'data': set data.val_manifest to a held-out manifest")
+        if "data" not in self.stages:
+            problems.append(f"stages={self.stages} must start with 'data' (it generates or loads the manifests "
+                            "every later stage reads; with data.train_manifest it only loads them)")
         lr = self.learner
         per_step = lr.num_ranks * lr.micro_batch_size
         if lr.batch_size % per_step:

@@ -35,6 +35,17 @@ from posterrl.config import ModelConfig, RolloutConfig
 SPEC_FILE = "posterrl_policy.json"
 
 
+def quiet_model_libraries() -> None:
+    """Nothing is downloaded here: hide diffusers/transformers weight-loading bars and hub advice."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 @dataclass
 class SamplerDefaults:
     solver: str = "euler"

@@ -98,7 +98,7 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
 
 
 def test_unavailable_stage_is_refused_before_ray_starts(tmp_path):
-    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,sft]", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,reward]", "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert "stages ['sft'] are not available in this version" in proc.stdout
+    assert "stages ['reward'] are not available in this version" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -1,0 +1,113 @@
+"""Training stages on the learner group: `sft` (one expert per regime) and `distill` (one student)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.pipeline import PipelineContext, evaluate
+from learner.data import BatchPlan
+from learner.engine import LATEST_FILE
+from posterrl.config import ConfigError
+from posterrl.data.manifest import ManifestRow, load_manifest
+from posterrl.data.tasks import REGIME
+from posterrl.policy import SPEC_FILE, EditPolicy
+
+REGIMES = ("local", "global")
+
+
+def _train_rows(ctx: PipelineContext) -> list[ManifestRow]:
+    rows = load_manifest(ctx.manifests["train"], require_target=True).rows
+    return [r for r in rows if r.task in ctx.config.data.tasks]
+
+
+def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objective: str, steps: int,
+                 init_state: dict | None, export_dir: Path, eval_tasks: list[str]) -> dict[str, Any]:
+    """Train on the learner group for `steps`, evaluating, checkpointing, then exporting to export_dir."""
+    cfg, lc = ctx.config, ctx.config.learner
+    group = ctx.learner_group()
+    group.start_stage(name, init_state, lc.seed)
+    checkpoint_dir = ctx.run.checkpoints / "deepspeed" / name
+    start = 0
+    if ctx.resume and (checkpoint_dir / LATEST_FILE).is_file():
+        start = group.call("load_checkpoint", str(checkpoint_dir))[0]["data_position"]
+        ctx.console.print(f"{name}: resumed from {checkpoint_dir} at step {start}")
+    base_step = ctx.global_step  # TensorBoard x of this stage's step 0
+    plan = BatchPlan(rows, lc.batch_size, lc.seed)
+    last: dict[str, float] = {}
+    with ctx.progress() as progress:
+        bar = progress.add_task(f"{name}", total=steps, completed=start, info="")
+        for step in range(start, steps):
+            began = time.perf_counter()
+            stats = group.train_step(plan.batch(step), objective)
+            ctx.global_step = base_step + step + 1
+            elapsed = time.perf_counter() - began
+            last = {"learner/loss": stats.loss, "learner/lr": stats.lr, "learner/grad_norm": stats.grad_norm,
+                    "perf/samples_per_s": stats.samples / elapsed,
+                    **{f"learner/{k}": v for k, v in stats.extra.items() if k != "loss"}}
+            ctx.scalars(last)
+            progress.update(bar, completed=step + 1, info=f"loss {stats.loss:.4f}")
+            if (step + 1) % lc.checkpoint_every == 0 and step + 1 < steps:
+                group.call("save_checkpoint", str(checkpoint_dir), {"data_position": step + 1}, lc.keep_checkpoints)
+            if (step + 1) % lc.eval_every == 0 and step + 1 < steps:
+                progress.stop()
+                evaluate(ctx, group.state_dict(), f"{name} step {step + 1}", eval_tasks)
+                progress.start()
+    ctx.global_step = base_step + steps
+    group.call("save_checkpoint", str(checkpoint_dir), {"data_position": steps}, lc.keep_checkpoints)
+    group.call("export", str(export_dir))
+    return {"steps": steps, "final": last, "export": str(export_dir)}
+
+
+def run_sft(ctx: PipelineContext) -> dict[str, Any]:
+    """One expert per regime (local editing, global creation), each from the config's initial weights."""
+    cfg = ctx.config
+    rows = _train_rows(ctx)
+    if "untrained" not in ctx.run.summary().get("gold", {}):
+        untrained = EditPolicy.from_config(cfg.model, cfg.rollout).state_dict()
+        ctx.run.record_gold("untrained", evaluate(ctx, untrained, "untrained"))
+    figures: dict[str, Any] = {}
+    for regime in REGIMES:
+        export_dir = ctx.run.stage_checkpoint("sft") / regime
+        label = f"{regime} expert"
+        if ctx.resume and (export_dir / SPEC_FILE).is_file() and label in ctx.run.summary().get("gold", {}):
+            ctx.console.print(f"sft: {label} already exported at {export_dir}, kept (--resume)")
+            continue
+        regime_rows = [r for r in rows if REGIME[r.task] == regime]
+        regime_tasks = [t for t in cfg.data.tasks if REGIME[t] == regime]
+        if not regime_rows:
+            raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
+        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.learner.sft_steps, None,
+                                       export_dir, regime_tasks)
+        gold = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), label)
+        ctx.run.record_gold(label, gold)
+        figures[regime]["gold"] = gold
+    return figures
+
+
+def run_distill(ctx: PipelineContext) -> dict[str, Any]:
+    """One student from both experts: flow matching on data + lambda_E * ||v_student - v_expert||^2.
+
+    The frozen experts live on every learner rank beside the student (teacher forwards only, no
+    optimizer state), so each rank computes expert velocities for its own shard with no extra
+    communication; at real-model scale they would be ZeRO-3 partitioned or served by separate actors.
+    The student starts from learner.distill_init: an expert's weights (default the local one: four of
+    the six tasks) or the config's initialisation.
+    """
+    cfg = ctx.config
+    experts = {}
+    for regime in REGIMES:
+        path = ctx.run.stage_checkpoint("sft") / regime
+        if not (path / SPEC_FILE).is_file():
+            raise ConfigError(f"distill needs the sft experts: {path} has no exported policy (run the sft stage first)")
+        experts[regime] = EditPolicy.from_pretrained(path).state_dict()
+    export_dir = ctx.run.stage_checkpoint("distill")
+    init = experts[cfg.learner.distill_init] if cfg.learner.distill_init != "config" else None
+    ctx.learner_group().set_experts(experts)
+    figures = train_policy(ctx, "distill", _train_rows(ctx), "distill", cfg.learner.distill_steps, init,
+                           export_dir, list(cfg.data.tasks))
+    gold = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), "student")
+    ctx.run.record_gold("student", gold)
+    figures["gold"] = gold
+    return figures

@@ -1,0 +1,240 @@
+"""The learner role: one rank of a DeepSpeed data-parallel group training the edit policy.
+
+A plain class (no Ray): actors/ starts N of them as Ray actors, tests run one in-process at world
+size 1. Each rank joins torch.distributed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (gloo on
+CPU, NCCL on GPU) before DeepSpeed starts, so DeepSpeed never tries MPI discovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, so DeepSpeed does not probe and warn
+
+import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from learner.flow import draw_flow_inputs  # noqa: E402
+from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
+from posterrl.batch import collate
+from posterrl.config import Config
+from posterrl.data.manifest import ManifestRow
+from posterrl.data.tasks import REGIME
+from posterrl.policy import EditPolicy, quiet_model_libraries
+
+LATEST_FILE = "latest.json"
+
+
+def deepspeed_config(config: Config) -> dict:
+    lr, ds = config.learner, config.deepspeed
+    return {
+        "train_batch_size": lr.batch_size,
+        "train_micro_batch_size_per_gpu": lr.micro_batch_size,
+        "gradient_accumulation_steps": lr.batch_size // (lr.num_ranks * lr.micro_batch_size),
+        "gradient_clipping": lr.grad_clip,
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            **({"offload_optimizer": {"device": "cpu"}} if ds.offload_optimizer else {}),
+        },
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up to the base learning rate, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    samples: int
+    extra: dict[str, float]
+
+
+class Learner:
+    def __init__(self, config: dict, rank: int, world_size: int, num_threads: int | None = None):
+        quiet_model_libraries()
+        # ZeRO-2 calls a collective that torch marks deprecated; the warning repeats every step.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        self.config = Config.model_validate(config)
+        self.rank, self.world_size = rank, world_size
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        use_gpu = torch.cuda.is_available() and self.config.learner.gpus_per_rank > 0
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.engine = None
+        self.experts: dict[str, EditPolicy] = {}
+        self.step, self.stage, self.seed = 0, "", 0
+
+    @staticmethod
+    def free_address() -> tuple[str, int]:
+        """This host's address and a free TCP port (rank 0 calls it for the rendezvous)."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return host, sock.getsockname()[1]
+
+    def join(self, master_addr: str, master_port: int) -> int:
+        """Join the process group (gloo on CPU, NCCL on GPU) before any DeepSpeed engine starts."""
+        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        return dist.get_rank()
+
+    # ------------------------------------------------------------------ setup
+
+    def start_stage(self, stage: str, policy_state: dict[str, torch.Tensor] | None, seed: int) -> int:
+        """A fresh DeepSpeed engine (optimizer, schedule) for `stage`, from given weights or config init."""
+        self.stage, self.seed, self.step = stage, seed, 0
+        policy = EditPolicy.from_config(self.config.model, self.config.rollout)
+        if policy_state is not None:
+            policy.load_state_dict(policy_state)
+        lr = self.config.learner
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=lr.lr, weight_decay=lr.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(lr.warmup_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.config),
+            dist_init_required=False,
+        )
+        return sum(p.numel() for p in policy.parameters())
+
+    def set_experts(self, expert_states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Frozen experts, one per regime, held beside the student on every rank (teacher forwards only)."""
+        self.experts = {}
+        for regime, state in expert_states.items():
+            expert = EditPolicy.from_config(self.config.model, self.config.rollout)
+            expert.load_state_dict(state)
+            self.experts[regime] = expert.to(self.device).eval().requires_grad_(False)
+        return sorted(self.experts)
+
+    @property
+    def policy(self) -> EditPolicy:
+        return self.engine.module
+
+    # ------------------------------------------------------------------ training
+
+    def _micro_batches(self, rows: Sequence[ManifestRow]) -> list[Sequence[ManifestRow]]:
+        """This rank's share of a global batch, cut into micro batches."""
+        share = rows[self.rank :: self.world_size]
+        mb = self.config.learner.micro_batch_size
+        return [share[i : i + mb] for i in range(0, len(share), mb)]
+
+    def train_step(self, rows: Sequence[ManifestRow], objective: str = "sft") -> StepStats:
+        """One optimizer step on a global batch (all rows share their number of inputs)."""
+        self.engine.train()
+        totals: dict[str, float] = {}
+        micro = self._micro_batches(rows)
+        for index, chunk in enumerate(micro):
+            batch = collate(chunk, self.config.model.resolution)
+            x0 = batch.targets.to(self.device)  # (b, 3, R, R)
+            generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
+            x_t, t, eps = draw_flow_inputs(x0, generator)  # (b, 3, R, R), (b,), (b, 3, R, R)
+            ids, mask = self.policy.tokenize(batch.instructions)
+            inputs = batch.inputs.to(self.device)
+            v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+            loss, stats = OBJECTIVES[objective](self, v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        # Every rank reports its own loss; average them so the driver sees the global batch.
+        reduced = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        totals = {k: float(v) / self.world_size for k, v in zip(sorted(totals), reduced)}
+        return StepStats(step=self.step, loss=totals.pop("loss"), grad_norm=float(grad_norm or 0.0),
+                         lr=self.scheduler.get_last_lr()[0], samples=len(rows), extra=totals)
+
+    def _sft_objective(self, v, x0, eps, x_t, t, ids, mask, inputs, tasks):
+        return flow_matching_loss(v, x0, eps)
+
+    def _distill_objective(self, v, x0, eps, x_t, t, ids, mask, inputs, tasks):
+        with torch.no_grad():
+            is_global = torch.tensor([REGIME[task] == "global" for task in tasks], device=self.device)  # (b,)
+            v_local = self.experts["local"](x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+            v_global = self.experts["global"](x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+        v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (b, 3, R, R)
+        return distillation_loss(v, v_expert, x0, eps, self.config.learner.lambda_expert)
+
+    def parameter_checksum(self) -> float:
+        """Sum of all parameters (tests compare it across ranks)."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.policy.parameters()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU (ZeRO-2 keeps whole parameters on every rank)."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.policy.state_dict().items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str, client_state: dict, keep_last: int = 2) -> str:
+        """DeepSpeed checkpoint under directory/step_N; `latest.json` moves only once every rank is done.
+
+        A crash mid-save leaves latest.json on the previous, complete checkpoint.
+        """
+        root, tag = Path(directory), f"step_{self.step:07d}"
+        state = {**client_state, "step": self.step, "stage": self.stage, "seed": self.seed}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, root / tag / f"rng_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            tmp = root / (LATEST_FILE + ".tmp")
+            tmp.write_text(json.dumps({"tag": tag, "step": self.step}))
+            os.replace(tmp, root / LATEST_FILE)
+            tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+            for old in tags[: max(0, len(tags) - keep_last)]:
+                shutil.rmtree(root / old, ignore_errors=True)
+        dist.barrier()
+        return tag
+
+    def load_checkpoint(self, directory: str) -> dict:
+        """Restore the newest complete checkpoint; returns its client state (step, data position...)."""
+        root = Path(directory)
+        tag = json.loads((root / LATEST_FILE).read_text())["tag"]
+        _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
+        rng = torch.load(root / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.step, self.stage, self.seed = client_state["step"], client_state["stage"], client_state["seed"]
+        return client_state
+
+    def export(self, directory: str) -> str:
+        if self.rank == 0:
+            self.policy.save_pretrained(directory)
+        dist.barrier()
+        return directory
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# The one place that says which training objectives exist: name -> (learner, v, x0, eps, x_t, t,
+# ids, mask, inputs, tasks) -> (loss, stats).
+OBJECTIVES = {
+    "sft": Learner._sft_objective,
+    "distill": Learner._distill_objective,
+}

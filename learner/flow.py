@@ -1,0 +1,14 @@
+"""Drawing the flow-matching training inputs (DESIGN.md: x_t = (1 - t) x0 + t eps)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def draw_flow_inputs(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x0 (B, C, H, W) -> x_t (B, C, H, W), t (B,) ~ U(0, 1), eps (B, C, H, W) ~ N(0, I); all from `generator`."""
+    t = torch.rand(x0.shape[0], generator=generator).to(x0)  # (B,)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, H, W)
+    tb = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * eps  # (B, C, H, W)
+    return x_t, t, eps
