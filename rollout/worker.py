@@ -16,7 +16,7 @@ from posterrl.batch import bucket_by_num_inputs, collate
 from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import uncanvas
-from posterrl.policy import EditPolicy
+from posterrl.policy import EditPolicy, quiet_model_libraries
 from rollout.sampler import SamplerConfig, prompt_seed, sample_groups
 
 
@@ -45,6 +45,7 @@ class RolloutGroup:
 class RolloutWorker:
     def __init__(self, model: dict | None = None, checkpoint: str | None = None, num_threads: int | None = None):
         """Build the policy from a model config (weights arrive with `load_weights`) or load an exported one."""
+        quiet_model_libraries()
         if (model is None) == (checkpoint is None):
             raise ValueError("RolloutWorker needs exactly one of model (a config dict) or checkpoint (a directory)")
         if num_threads:
