@@ -175,12 +175,17 @@ def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[s
     return per_task
 
 
+# Row labels of the gold table for the stage whose export is evaluated.
+POLICY_LABELS = {"distill": "student", "rl": "after RL"}
+
+
 def run_eval(ctx: PipelineContext) -> dict[str, Any]:
+    """The final held-out evaluation of the newest policy of the run (untrained if none was trained)."""
     source = latest_policy_dir(ctx.run)
     if source is None:
         policy, label = EditPolicy.from_config(ctx.config.model, ctx.config.rollout), "untrained"
     else:
-        policy, label = EditPolicy.from_pretrained(source), source.name
+        policy, label = EditPolicy.from_pretrained(source), POLICY_LABELS[source.name]
     per_task = evaluate(ctx, policy.state_dict(), label)
     export = policy.save_pretrained(ctx.run.stage_checkpoint("eval"))
     ctx.run.record_gold(label, per_task)

@@ -1,4 +1,5 @@
-"""Smoke test of the real CLI: `posterrl run` on a real local Ray cluster, then `posterrl sample`."""
+"""Smoke test of the real CLI: the whole `posterrl run` pipeline (data -> sft -> distill -> eval) at toy
+length on a real local Ray cluster with real DeepSpeed ranks, then `posterrl sample` on its exports."""
 
 import json
 import subprocess
@@ -17,8 +18,11 @@ from posterrl.data.tasks import TASKS
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["data.n_train=3", "data.n_val=2", "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2",
-             "logging.progress=false"]
+OVERRIDES = ["stages=[data,sft,distill,eval]", "data.n_train=3", "data.n_val=2", "data.chunks=2",
+             "rollout.eval_per_task=1", "rollout.num_steps=2", "learner.sft_steps=3", "learner.distill_steps=2",
+             "learner.eval_every=2", "learner.checkpoint_every=2", "learner.batch_size=4",
+             "learner.micro_batch_size=2", "logging.progress=false"]
+ROWS = ["untrained", "local expert", "global expert", "student"]
 
 
 def posterrl(*args, check=True):
@@ -37,25 +41,37 @@ def run_dir(tmp_path_factory):
 
 def test_run_directory_layout(run_dir):
     assert load_config(run_dir / "config.yaml") == load_config("configs/tiny.yaml", OVERRIDES)
-    assert (run_dir / "checkpoints" / "eval" / "posterrl_policy.json").is_file()
-    assert (run_dir / "checkpoints" / "eval" / "transformer" / "config.json").is_file()
+    for export in ("sft/local", "sft/global", "distill", "eval"):
+        assert (run_dir / "checkpoints" / export / "posterrl_policy.json").is_file()
+        assert (run_dir / "checkpoints" / export / "transformer" / "config.json").is_file()
+    # DeepSpeed states for resume, the last one complete
+    for name in ("sft_local", "sft_global", "distill"):
+        assert (run_dir / "checkpoints" / "deepspeed" / name / "latest.json").is_file()
     train = load_manifest(run_dir / "data" / "train" / "manifest.jsonl", require_target=True)
     assert len(train.rows) == 3 * len(TASKS) and train.skipped == 0
 
 
 def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stages"]) == {"data", "eval"}
+    assert set(summary["stages"]) == {"data", "sft", "distill", "eval"}
     assert summary["stages"]["data"]["train"]["per_task"] == {t: 3 for t in TASKS}
-    gold = summary["gold"]["untrained"]
-    assert set(gold) == {*TASKS, "mean"}
-    assert all(0.0 <= v <= 1.0 for v in gold.values())
+    assert summary["stages"]["sft"]["local"]["steps"] == 3
+    assert summary["stages"]["distill"]["final"]["learner/distill_loss"] >= 0
+    assert list(summary["gold"]) == ROWS
+    for row in ROWS:
+        gold = summary["gold"][row]
+        assert set(gold) == {*TASKS, "mean"}
+        assert all(0.0 <= v <= 1.0 for v in gold.values())
 
 
 def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
+    for scalar in ("learner/loss", "learner/lr", "learner/grad_norm", "perf/samples_per_s"):
+        values = acc.Scalars(scalar)
+        assert len(values) == 3 + 3 + 2 and all(v.value == v.value for v in values)  # one per step, finite
+    assert [v.step for v in acc.Scalars("learner/loss")] == list(range(1, 9))
     for task in TASKS:
         assert f"eval/task/{task}/gold" in tags["scalars"]
         assert f"eval/{task}" in tags["images"]
@@ -64,19 +80,29 @@ def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     assert image.width > 0 and image.height > 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert acc.Scalars("eval/gold_mean")[0].value == pytest.approx(summary["gold"]["untrained"]["mean"], abs=1e-6)
+    assert acc.Scalars("eval/gold_mean")[-1].value == pytest.approx(summary["gold"]["student"]["mean"], abs=1e-6)
 
 
-def test_sample_cli_reproduces_the_runs_evaluation(run_dir, tmp_path):
+def test_sample_cli_reproduces_the_runs_evaluation_of_the_student(run_dir, tmp_path):
     out = tmp_path / "samples"
-    posterrl("sample", "--checkpoint", str(run_dir / "checkpoints" / "eval"),
+    posterrl("sample", "--checkpoint", str(run_dir / "checkpoints" / "distill"),
              "--manifest", str(run_dir / "data" / "val" / "manifest.jsonl"), "--out", str(out), "--seed", "0")
     rows = load_manifest(run_dir / "data" / "val" / "manifest.jsonl").rows
     assert sorted(p.stem for p in out.glob("*.png")) == sorted([r.id for r in rows] + ["grid"])
-    gold = json.loads((run_dir / "summary.json").read_text())["gold"]["untrained"]
+    gold = json.loads((run_dir / "summary.json").read_text())["gold"]["student"]
     for task in TASKS:
         first = next(r for r in rows if r.task == task)  # the eval stage scored the first row of each task
         score = gold_metric(task, Image.open(out / f"{first.id}.png"), first.load_target(), first.meta)
         assert score == pytest.approx(gold[task], abs=2e-3)
+
+
+def test_student_transformer_loads_with_diffusers_in_a_fresh_process(run_dir):
+    code = ("import sys; from diffusers import FluxTransformer2DModel; "
+            "m = FluxTransformer2DModel.from_pretrained(sys.argv[1]); print(sum(p.numel() for p in m.parameters()))")
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir / "checkpoints" / "distill" / "transformer")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) > 10_000
 
 
 def test_rerun_without_resume_refuses_and_resume_keeps_data(run_dir):
