@@ -216,11 +216,15 @@ STAGE_RUNNERS: dict[str, Callable[[PipelineContext], dict[str, Any]]] = {
 # ------------------------------------------------------------------------- driver
 
 
+SHORT_TASK_NAMES = {"extending": "extend", "filling": "fill", "rescaling": "rescale",
+                    "identity-driven": "identity", "layout-driven": "layout", "style-driven": "style", "mean": "mean"}
+
+
 def print_gold_table(console: Console, gold: dict[str, dict[str, float]]) -> None:
     table = Table(title="held-out gold metric (higher is better)")
-    table.add_column("policy")
+    table.add_column("policy", no_wrap=True)
     for task in [*TASKS, "mean"]:
-        table.add_column(task, justify="right")
+        table.add_column(SHORT_TASK_NAMES[task], justify="right")
     for label, per_task in gold.items():
         table.add_row(label, *(f"{per_task[t]:.3f}" if t in per_task else "-" for t in [*TASKS, "mean"]))
     console.print(table)

@@ -146,11 +146,12 @@ class Learner:
         micro = self._micro_batches(rows)
         for index, chunk in enumerate(micro):
             batch = collate(chunk, self.config.model.resolution)
-            x0 = batch.targets.to(self.device)  # (b, 3, R, R)
+            dtype = next(self.policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
+            x0 = batch.targets.to(self.device, dtype)  # (b, 3, R, R)
             generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
             x_t, t, eps = draw_flow_inputs(x0, generator)  # (b, 3, R, R), (b,), (b, 3, R, R)
             ids, mask = self.policy.tokenize(batch.instructions)
-            inputs = batch.inputs.to(self.device)
+            inputs = batch.inputs.to(self.device, dtype)
             v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
             loss, stats = OBJECTIVES[objective](self, v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
             self.engine.backward(loss)

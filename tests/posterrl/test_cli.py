@@ -37,7 +37,7 @@ def test_data_show_reports_bad_rows(tmp_path, capsys):
 def test_config_command_validates_and_prints_sizes(capsys):
     assert main(["config", "configs/tiny.yaml", "rollout.group_size=6"]) == 0
     out = capsys.readouterr().out
-    assert "group_size: 6" in out and "image tokens per canvas: 256" in out and "valid" in out
+    assert "group_size: 6" in out and "image tokens per canvas: 64" in out and "valid" in out
     assert main(["config", "configs/tiny.yaml", "rollout.gruop_size=6"]) == 2
     assert "did you mean 'rollout.group_size'?" in capsys.readouterr().out
 

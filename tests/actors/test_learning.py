@@ -1,0 +1,33 @@
+"""The tiny default learns: the whole `posterrl run configs/tiny.yaml` (about 15 minutes on 2 cores).
+
+Marked slow: .ci/run runs it after the default suite when CI time allows.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from posterrl.data.tasks import REGIME, TASKS
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def regime_mean(row: dict, regime: str) -> float:
+    return float(np.mean([row[t] for t in TASKS if REGIME[t] == regime]))
+
+
+def test_experts_beat_untrained_and_student_keeps_up(tmp_path):
+    run = tmp_path / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "posterrl.cli", "run", "configs/tiny.yaml", "logging.progress=false",
+                           "--run-dir", str(run)], capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gold = json.loads((run / "summary.json").read_text())["gold"]
+    print(json.dumps(gold, indent=1))
+    for regime, expert in (("local", "local expert"), ("global", "global expert")):
+        untrained, trained = regime_mean(gold["untrained"], regime), regime_mean(gold[expert], regime)
+        # A wide margin on its own tasks: several times the untrained score and well clear of it.
+        assert trained >= 3 * untrained and trained - untrained >= 0.05, (regime, untrained, trained)
+        assert regime_mean(gold["student"], regime) >= 0.95 * trained, (regime, gold["student"], trained)
