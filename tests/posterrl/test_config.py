@@ -64,7 +64,7 @@ def test_wrong_type(tmp_path):
 
 def test_cross_field_errors_explain_the_keys():
     with pytest.raises(ConfigError, match=r"learner.batch_size=10 must be a multiple of learner.num_ranks \* "
-                                          r"learner.micro_batch_size = 2 \* 8 = 16"):
+                                          r"learner.micro_batch_size = 2 \* 4 = 8"):
         load_config("configs/tiny.yaml", ["learner.batch_size=10"])
     with pytest.raises(ConfigError, match=r"model.resolution=60 must be a multiple of model.patch_size=8"):
         load_config("configs/tiny.yaml", ["model.resolution=60", "model.patch_size=8"])
