@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import ray
 
-from posterrl.data.manifest import write_manifest
+from actors.context import PipelineContext
+from posterrl.data.manifest import load_manifest, summarize_skips, write_manifest
+from posterrl.data.sheet import task_counts
 from posterrl.data.tasks import build_samples, write_samples
 
 
@@ -51,3 +54,34 @@ def is_generated(out_dir: Path, split: str, start: int, n: int, seed: int, size:
     stamp = json.loads(stamp_path.read_text())
     want = {"split": split, "start": start, "n": n, "seed": seed, "size": size, "tasks": tasks}
     return all(stamp.get(k) == v for k, v in want.items())
+
+
+def run_data(ctx: PipelineContext) -> dict[str, Any]:
+    d = ctx.config.data
+    if d.train_manifest:
+        figures: dict[str, Any] = {"source": "user manifests"}
+        for split, path in (("train", d.train_manifest), ("val", d.val_manifest or d.train_manifest)):
+            load = load_manifest(path, require_target=True)
+            if load.skipped:
+                ctx.console.print(f"[yellow]{summarize_skips(load)}")
+            ctx.manifests[split] = Path(path)
+            figures[split] = {"rows": len(load.rows), "skipped": load.skipped, "per_task": task_counts(load.rows)}
+        return figures
+
+    root = ctx.run.data_dir(ctx.config)
+    figures = {"source": "generated", "dir": str(root), "seed": d.seed, "size": d.size}
+    # Held-out posters take the indices after the training ones: same generator, disjoint posters.
+    for split, start, n in (("train", 0, d.n_train), ("val", d.n_train, d.n_val)):
+        out = root / split
+        if is_generated(out, split, start, n, d.seed, d.size, list(d.tasks)):
+            ctx.console.print(f"data: {out} already holds this split, kept")
+        else:
+            with ctx.progress() as progress:
+                bar = progress.add_task(f"data: generating {split} ({n} posters)", total=d.chunks, info="")
+                generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
+                               on_chunk_done=lambda done, total: progress.update(bar, completed=done, total=total))
+        load = load_manifest(out / "manifest.jsonl", require_target=True)
+        ctx.manifests[split] = out / "manifest.jsonl"
+        figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,
+                          "per_task": task_counts(load.rows)}
+    return figures

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.pipeline import PipelineContext, evaluate
+from actors.context import PipelineContext
+from actors.evaluation import evaluate
 from learner.data import BatchPlan
 from learner.engine import LATEST_FILE
 from posterrl.config import ConfigError
@@ -25,7 +26,7 @@ def _train_rows(ctx: PipelineContext) -> list[ManifestRow]:
 def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objective: str, steps: int,
                  init_state: dict | None, export_dir: Path, eval_tasks: list[str]) -> dict[str, Any]:
     """Train on the learner group for `steps`, evaluating, checkpointing, then exporting to export_dir."""
-    cfg, lc = ctx.config, ctx.config.learner
+    lc = ctx.config.learner
     group = ctx.learner_group()
     group.start_stage(name, init_state, lc.seed)
     checkpoint_dir = ctx.run.checkpoints / "deepspeed" / name

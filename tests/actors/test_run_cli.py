@@ -4,10 +4,8 @@ length on a real local Ray cluster with real DeepSpeed ranks, then `posterrl sam
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
