@@ -19,9 +19,10 @@ from actors.cluster import connect
 from actors.context import PipelineContext
 from actors.data import run_data
 from actors.evaluation import run_eval
-from actors.training import run_distill, run_sft
+from actors.training import REGIMES, run_distill, run_sft
 from posterrl.config import STAGE_ORDER, Config, ConfigError
 from posterrl.data.tasks import TASKS
+from posterrl.policy import SPEC_FILE
 from posterrl.runlog import RunDir
 
 STAGE_RUNNERS: dict[str, Callable[[PipelineContext], dict[str, Any]]] = {
@@ -54,6 +55,11 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
     if problems:
         raise ConfigError("cannot run this config:\n  " + "\n  ".join(problems))
     run = RunDir(run_dir)
+    if "distill" in config.stages and "sft" not in config.stages:
+        missing = [r for r in REGIMES if not (run.stage_checkpoint("sft") / r / SPEC_FILE).is_file()]
+        if missing:
+            raise ConfigError(f"distill needs the sft experts: {run.stage_checkpoint('sft')} has no exported "
+                              f"{' or '.join(missing)} expert (run `posterrl sft` with this --run-dir first)")
     if run.summary_path.exists() and run.summary().get("stages") and not (resume or allow_existing):
         raise ConfigError(f"run directory {run.root} already holds a run: pass --resume to continue it, "
                           "or choose another --run-dir")
