@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
+from posterrl.data.manifest import ManifestRow
 from posterrl.runlog import RunDir
 
 
@@ -23,7 +23,7 @@ class PipelineContext:
     writer: SummaryWriter | None
     resume: bool = False
     global_step: int = 0  # learner steps over all stages so far: the x axis of TensorBoard
-    manifests: dict[str, Path] = field(default_factory=dict)  # split -> manifest
+    rows: dict[str, list[ManifestRow]] = field(default_factory=dict)  # split -> rows, loaded once by the data stage
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
 

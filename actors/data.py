@@ -64,7 +64,7 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
             load = load_manifest(path, require_target=True)
             if load.skipped:
                 ctx.console.print(f"[yellow]{summarize_skips(load)}")
-            ctx.manifests[split] = Path(path)
+            ctx.rows[split] = load.rows
             figures[split] = {"rows": len(load.rows), "skipped": load.skipped, "per_task": task_counts(load.rows)}
         return figures
 
@@ -81,7 +81,7 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
                 generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
                                on_chunk_done=lambda done, total: progress.update(bar, completed=done, total=total))
         load = load_manifest(out / "manifest.jsonl", require_target=True)
-        ctx.manifests[split] = out / "manifest.jsonl"
+        ctx.rows[split] = load.rows
         figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,
                           "per_task": task_counts(load.rows)}
     return figures

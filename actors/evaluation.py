@@ -10,12 +10,12 @@ import numpy as np
 import ray
 
 from actors.context import PipelineContext
+from actors.rollout_group import gather
 from posterrl.data.gold import gold_metric
-from posterrl.data.manifest import ManifestRow, load_manifest
+from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
 from posterrl.policy import SPEC_FILE, EditPolicy
 from posterrl.runlog import RunDir
-from rollout.worker import RolloutGroup
 
 
 def latest_policy_dir(run: RunDir) -> Path | None:
@@ -27,8 +27,8 @@ def latest_policy_dir(run: RunDir) -> Path | None:
     return None
 
 
-def eval_rows(manifest: Path, per_task: int, tasks: list[str]) -> list[ManifestRow]:
-    rows = load_manifest(manifest, require_target=True).rows
+def eval_rows(rows: list[ManifestRow], per_task: int, tasks: list[str]) -> list[ManifestRow]:
+    """The first per_task held-out rows of each task, in task order."""
     chosen: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
         if row.task in tasks and len(chosen[row.task]) < per_task:
@@ -40,8 +40,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[s
              tag_prefix: str = "eval") -> dict[str, float]:
     """Held-out gold metric per task for the given weights, sampled on the rollout actors."""
     cfg = ctx.config
-    manifest = ctx.manifests.get("val") or Path(cfg.data.val_manifest)
-    rows = eval_rows(manifest, cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
+    rows = eval_rows(ctx.rows["val"], cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
     group = ctx.rollout_group()
     group.load_weights(policy_state, version=ctx.global_step)
     refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
@@ -51,7 +50,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[s
         while pending:
             _, pending = ray.wait(pending, num_returns=1)
             progress.update(bar, completed=len(refs) - len(pending))
-    groups: list[RolloutGroup] = [g for share in ray.get(refs) for g in share]
+    groups = gather(refs)
 
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)

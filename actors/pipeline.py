@@ -91,8 +91,6 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
             run.write_summary(summary)
             console.print(f"stage {stage} finished in {figures['seconds']:.1f} s")
         summary = run.summary()
-        summary["global_step"] = ctx.global_step
-        run.write_summary(summary)
         if summary.get("gold"):
             print_gold_table(console, summary["gold"])
         console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")

@@ -11,7 +11,7 @@ from actors.evaluation import evaluate
 from learner.data import BatchPlan
 from learner.engine import LATEST_FILE
 from posterrl.config import ConfigError
-from posterrl.data.manifest import ManifestRow, load_manifest
+from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
 from posterrl.policy import SPEC_FILE, EditPolicy
 
@@ -19,8 +19,7 @@ REGIMES = ("local", "global")
 
 
 def _train_rows(ctx: PipelineContext) -> list[ManifestRow]:
-    rows = load_manifest(ctx.manifests["train"], require_target=True).rows
-    return [r for r in rows if r.task in ctx.config.data.tasks]
+    return [r for r in ctx.rows["train"] if r.task in ctx.config.data.tasks]
 
 
 def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objective: str, steps: int,

@@ -31,20 +31,38 @@ class BatchPlan:
         self.batch_size, self.seed = batch_size, seed
         sizes = np.array([len(b) for b in self.buckets], dtype=np.float64)
         self.weights = sizes / sizes.sum()
+        self._rng = np.random.default_rng([seed, 0])
+        self._bucket: list[int] = []  # bucket index of each step drawn so far
+        self._position: list[int] = []  # offset of each step's first row in its bucket's row stream
+        self._used = [0] * len(self.buckets)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (bucket, epoch) -> permutation
 
-    def bucket_schedule(self, step: int) -> list[int]:
-        """Bucket index of steps 0..step (drawn from one seeded stream, so it is fixed by the seed)."""
-        rng = np.random.default_rng([self.seed, 0])
-        return list(rng.choice(len(self.buckets), size=step + 1, p=self.weights))
+    def _extend_schedule(self, step: int) -> None:
+        """Draw bucket choices (one seeded stream, so fixed by the seed) and positions up to `step`.
+
+        Grown once and kept: each step costs O(1) instead of replaying the stream from step 0.
+        """
+        missing = step + 1 - len(self._bucket)
+        if missing <= 0:
+            return
+        for bucket_index in self._rng.choice(len(self.buckets), size=missing, p=self.weights):
+            self._position.append(self._used[bucket_index])  # rows of this bucket used before
+            self._used[bucket_index] += self.batch_size
+            self._bucket.append(int(bucket_index))
+
+    def _order(self, bucket_index: int, epoch: int) -> np.ndarray:
+        key = (bucket_index, epoch)
+        if key not in self._orders:
+            self._orders[key] = np.random.default_rng([self.seed, 1, bucket_index, epoch]).permutation(
+                len(self.buckets[bucket_index]))
+        return self._orders[key]
 
     def batch(self, step: int) -> list[ManifestRow]:
-        schedule = self.bucket_schedule(step)
-        bucket_index = schedule[step]
+        self._extend_schedule(step)
+        bucket_index, position = self._bucket[step], self._position[step]
         bucket = self.buckets[bucket_index]
-        position = schedule[:step].count(bucket_index) * self.batch_size  # rows of this bucket used before
         out = []
         for k in range(position, position + self.batch_size):
             epoch, offset = divmod(k, len(bucket))
-            order = np.random.default_rng([self.seed, 1, bucket_index, epoch]).permutation(len(bucket))
-            out.append(bucket[order[offset]])
+            out.append(bucket[self._order(bucket_index, epoch)[offset]])
         return out
