@@ -1,4 +1,4 @@
-"""`posterrl` command line: run, config, data generate|show, sample."""
+"""`posterrl` command line: run, sft, distill, reward, config, data generate|show, sample."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 
 from posterrl.config import ConfigError, load_config
 from posterrl.data.manifest import ManifestError
+from reward_server.registry import RegistryError
 
 console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
 
@@ -26,14 +27,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """`posterrl sft|distill CONFIG`: that stage alone (after `data`, which keeps data already generated)."""
-    config = load_config(args.config, [*args.overrides, f"stages=[data,{args.command}]"])
-    run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`posterrl sft|distill CONFIG`, `posterrl reward train CONFIG`: that stage alone, after `data`
+    (which keeps data already generated)."""
+    stage = "reward" if args.command == "reward" else args.command
+    config = load_config(args.config, [*args.overrides, f"stages=[data,{stage}]"])
+    run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline
 
     run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console,
-                 allow_existing=args.command == "distill")
+                 allow_existing=stage in ("distill", "reward"))
     return 0
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    if args.reward_command == "train":
+        return cmd_stage(args)
+    from actors.reward_cli import run_reward_command  # imports ray: only for a live change
+
+    return run_reward_command(args, console)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -156,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--resume", action="store_true")
         one.set_defaults(func=cmd_stage)
 
+    add_reward_parser(sub)
+
     cfg = sub.add_parser("config", help="validate a config and print it resolved, with derived sizes")
     cfg.add_argument("config")
     cfg.add_argument("overrides", nargs="*")
@@ -190,6 +203,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_reward_parser(sub: argparse._SubParsersAction) -> None:
+    reward = sub.add_parser("reward", help="train a reward model, or change a live run's reward registry")
+    commands = reward.add_subparsers(dest="reward_command", required=True)
+    train = commands.add_parser("train", help="the reward stage alone: preference pairs from the run's newest "
+                                              "policy, a Bradley-Terry model trained on the learner group")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*")
+    train.add_argument("--run-dir", type=Path, help="the run directory holding the policy to sample pairs from")
+    train.add_argument("--address")
+    train.add_argument("--resume", action="store_true")
+    train.set_defaults(func=cmd_reward)
+
+    def live(name: str, text: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("--run", required=True, help="the run directory of a running job")
+        parser.add_argument("--address", help="the Ray cluster (default: the address in RUN/cluster.json)")
+        parser.set_defaults(func=cmd_reward)
+        return parser
+
+    kinds, backends = ["bradley_terry", "vlm_judge", "preservation", "ocr_title"], ["transformers", "vllm", "openai"]
+    live("list", "the scorers, weights and versions serving now")
+    add = live("add", "load, probe and register a new scorer (weight 0: shadow, scored and logged, not counted)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--kind", required=True, choices=kinds)
+    add.add_argument("--weight", type=float, default=0.0)
+    add.add_argument("--path")
+    add.add_argument("--backend", choices=backends)
+    add.add_argument("--url")
+    swap = live("swap", "replace a scorer's model; the old one serves until the new one has passed its probe")
+    swap.add_argument("--name", required=True)
+    swap.add_argument("--path")
+    swap.add_argument("--backend", choices=backends)
+    swap.add_argument("--url")
+    remove = live("remove", "stop using a scorer")
+    remove.add_argument("--name", required=True)
+    weight = live("set-weight", "change a scorer's weight (0 moves it to shadow)")
+    weight.add_argument("--name", required=True)
+    weight.add_argument("--weight", type=float, required=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -204,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_model_libraries()
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileNotFoundError) as exc:
+    except (ConfigError, ManifestError, RegistryError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
 

@@ -85,17 +85,47 @@ class RolloutConfig(_Section):
 
 
 class ScorerConfig(_Section):
-    name: str
+    name: str  # the key in the registry, in metric names (reward/<name>/...) and in the CLI
     kind: Literal["bradley_terry", "vlm_judge", "preservation", "ocr_title"]
-    weight: float = 1.0
+    weight: float = 1.0  # 0 runs the scorer in shadow: scored and logged, not counted
+    # bradley_terry: a saved reward model (null: the one the reward stage trains);
+    # vlm_judge: a local Qwen2-VL / Qwen2.5-VL directory, or the served model's name for backend openai.
     path: str | None = None
-    backend: Literal["transformers", "vllm", "openai"] | None = None
+    backend: Literal["transformers", "vllm", "openai"] | None = None  # vlm_judge only
+    url: str | None = None  # vlm_judge with backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1
+
+
+class BradleyTerryConfig(_Section):
+    """The reward stage: a Bradley-Terry reward model trained on preference pairs in the cluster."""
+
+    backbone: Literal["conv", "vlm"] = "conv"  # conv: small vision network; vlm: Qwen2-VL class + MLP head
+    vlm_path: str | None = None  # backbone vlm: a local Qwen2-VL / Qwen2.5-VL directory
+    lora_rank: int = Field(0, ge=0)  # backbone vlm: 0 trains the whole backbone
+    channels: int = Field(32, ge=4)  # backbone conv: width of the first stage
+    image_size: int = Field(32, ge=16)  # backbone conv: square canvas the images are letterboxed into
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)  # pairs per optimizer step, across ranks
+    lr: float = Field(1e-3, gt=0)
+    samples_per_prompt: int = Field(4, ge=2)  # policy samples per training prompt, ranked into pairs
+    annotator_noise: float = Field(0.01, ge=0)  # std of Gaussian noise added to the gold metric before ranking
+    tie_threshold: float = Field(0.0, ge=0)  # |noisy gold difference| below this is a tie
+    ties: Literal["skip", "rao_kupper"] = "skip"  # drop ties, or fit them with Rao-Kupper BT-with-ties
+    tie_theta: float = Field(1.5, gt=1.0)  # Rao-Kupper threshold parameter (theta > 1)
+    margin: float = Field(0.0, ge=0)  # constant margin: -log sigmoid(r_w - r_l - margin)
+    negative_pairs: bool = True  # PosterOmni: the unedited input as the rejected sample
+    preference_manifest: str | None = None  # user pairs (JSONL: id, task, instruction, inputs, chosen, rejected, tie)
+    eval_every: int = Field(100, ge=1)
 
 
 class RewardConfig(_Section):
     scorers: list[ScorerConfig] = Field(default_factory=list)
     cpus: float = Field(0.25, ge=0)
     gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(32, ge=1)  # samples scored together by dynamic batching
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits to fill up
+    request_timeout_s: float = Field(120.0, gt=0)  # a scorer slower than this is counted as failed for the batch
+    probe_size: int = Field(4, ge=1)  # samples a new scorer must score before it goes live
+    bt: BradleyTerryConfig = Field(default_factory=BradleyTerryConfig)
 
 
 class LearnerConfig(_Section):
@@ -210,6 +240,30 @@ class Config(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"reward.scorers has duplicate names {dupes}")
+        for index, scorer in enumerate(self.reward.scorers):
+            where = f"reward.scorers[{index}] ({scorer.name})"
+            if scorer.kind == "bradley_terry" and scorer.path is None and "reward" not in self.stages:
+                problems.append(f"{where}: a bradley_terry scorer without a path serves the model the reward "
+                                f"stage trains, but stages={self.stages} has no 'reward'")
+            if scorer.kind == "vlm_judge":
+                if scorer.backend is None or scorer.path is None:
+                    problems.append(f"{where}: kind vlm_judge needs backend (transformers, vllm or openai) and path "
+                                    "(a local model directory, or the served model's name for openai)")
+                if scorer.backend == "openai" and not scorer.url:
+                    problems.append(f"{where}: backend openai needs url, e.g. http://127.0.0.1:8000/v1")
+            elif scorer.backend is not None or scorer.url is not None:
+                problems.append(f"{where}: backend and url only apply to kind vlm_judge, not {scorer.kind}")
+        if "reward" in self.stages and not any(
+            s.kind == "bradley_terry" and s.path is None for s in self.reward.scorers
+        ):
+            problems.append("stages has 'reward' but reward.scorers has no bradley_terry scorer without a path "
+                            "to serve the model it trains, e.g. {name: bt, kind: bradley_terry, weight: 1.0}")
+        bt = self.reward.bt
+        if bt.backbone == "vlm" and not bt.vlm_path:
+            problems.append("reward.bt.backbone=vlm needs reward.bt.vlm_path (a local Qwen2-VL directory)")
+        if "reward" in self.stages and bt.batch_size % lr.num_ranks:
+            problems.append(f"reward.bt.batch_size={bt.batch_size} must be a multiple of "
+                            f"learner.num_ranks={lr.num_ranks} (each rank takes an equal share of the pairs)")
         return problems
 
     def cpus_requested(self) -> float:

@@ -1,0 +1,83 @@
+"""`posterrl reward list|add|swap|remove|set-weight --run RUN_DIR`: change a live run's reward registry.
+
+The command joins the run's Ray cluster (--address, or the address the run wrote to
+RUN_DIR/cluster.json), finds the run's named reward server and asks it for the change; the server
+loads and probes a new scorer before it goes live and answers with the reason when it refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from actors.reward_server import CLUSTER_FILE, NAMESPACE, find_reward_server
+from reward_server.registry import RegistryError
+
+
+def cluster_address(run_dir: Path, address: str | None) -> str:
+    if address:
+        return address
+    info_path = run_dir / CLUSTER_FILE
+    if not info_path.is_file():
+        raise RegistryError(f"{info_path} does not exist: the run has not started its reward server yet, or "
+                            "--run is not a run directory; pass --address ADDR to name the Ray cluster")
+    return json.loads(info_path.read_text())["address"]
+
+
+def print_registry(console: Console, described: dict) -> None:
+    table = Table(title=f"reward registry (server step {described['step']})")
+    for column in ("name", "kind", "weight", "status", "version", "path / backend", "fingerprint"):
+        table.add_column(column)
+    for s in described["scorers"]:
+        where = " ".join(str(v) for v in (s["path"], s["backend"], s["url"]) if v) or "-"
+        table.add_row(s["name"], s["kind"], f"{s['weight']:g}", s["status"], str(s["version"]), where,
+                      s["fingerprint"])
+    console.print(table)
+    stats = described["stats"]
+    console.print(f"served {stats['requests']} requests, {stats['samples']} samples in {stats['batches']} batches "
+                  f"(mean batch {stats['mean_batch_size']:.1f})")
+    for name, kinds in described["failures"].items():
+        console.print(f"[yellow]{name}: dropped scores {kinds}")
+    for problem in described["restore_problems"]:
+        console.print(f"[yellow]not restored from the journal: {problem}")
+
+
+def run_reward_command(args: argparse.Namespace, console: Console) -> int:
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise RegistryError(f"--run {run_dir}: no such run directory")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=cluster_address(run_dir, args.address), namespace=NAMESPACE, log_to_driver=False,
+             include_dashboard=False)
+    try:
+        server = find_reward_server(run_dir)
+        if args.reward_command == "list":
+            print_registry(console, ray.get(server.describe.remote()))
+            return 0
+        if args.reward_command == "add":
+            spec = {"name": args.name, "kind": args.kind, "weight": args.weight, "path": args.path,
+                    "backend": args.backend, "url": args.url}
+            answer = ray.get(server.add.remote(spec))
+        elif args.reward_command == "swap":
+            answer = ray.get(server.swap.remote(args.name, args.path, args.backend, args.url))
+        elif args.reward_command == "remove":
+            answer = ray.get(server.remove.remote(args.name))
+        else:
+            answer = ray.get(server.set_weight.remote(args.name, args.weight))
+        if not answer["ok"]:
+            console.print(f"[red]refused:[/red] {answer['error']}", highlight=False)
+            console.print("the registry is unchanged; the previous scorers keep serving")
+            return 1
+        s = answer["scorer"]
+        console.print(f"{args.reward_command}: {s['name']} ({s['kind']}) version {s['version']}, weight "
+                      f"{s['weight']:g}, {'live' if s['weight'] else 'shadow'}", highlight=False)
+        return 0
+    finally:
+        ray.shutdown()
+

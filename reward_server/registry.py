@@ -1,0 +1,373 @@
+"""The reward registry: named scorers with weights and versions, changed while a job runs.
+
+No Ray here: actors/reward_server.py puts a registry behind a named actor; tests use it in-process.
+
+A change (add, swap, remove, set-weight) loads the new scorer and probes it on a small batch
+before it goes live, outside the lock so scoring goes on meanwhile; only a scorer that loaded and
+gave finite, in-range scores replaces anything. Every committed change is appended to a journal
+(JSONL in the run directory) that a restarted server replays to come back with the same registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from reward_server.types import EditSample, Scorer, ScoreBatch
+
+JOURNAL_FILE = "reward_journal.jsonl"
+KINDS = ("bradley_terry", "vlm_judge", "preservation", "ocr_title")
+
+
+class RegistryError(ValueError):
+    """A change that cannot be made; the message says why and the registry is unchanged."""
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What it takes to load a scorer again: the config entry, as the journal stores it."""
+
+    name: str
+    kind: str
+    weight: float = 1.0
+    path: str | None = None
+    backend: str | None = None
+    url: str | None = None
+
+
+def load_scorer(spec: ScorerSpec) -> Scorer:
+    """The one place that maps a scorer kind to its class (imported lazily: a judge may need vllm)."""
+    if spec.kind == "bradley_terry":
+        from reward_server.bradley_terry import BradleyTerryScorer
+
+        return BradleyTerryScorer(spec.path)
+    if spec.kind == "vlm_judge":
+        from reward_server.judge import VlmJudge
+
+        return VlmJudge(backend=spec.backend, path=spec.path, url=spec.url)
+    if spec.kind == "preservation":
+        from reward_server.rules import PreservationScorer
+
+        return PreservationScorer()
+    if spec.kind == "ocr_title":
+        from reward_server.rules import OcrTitleScorer
+
+        return OcrTitleScorer()
+    raise RegistryError(f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
+
+
+def fingerprint(spec: ScorerSpec) -> str:
+    """A short hash of what the scorer was loaded from (the files under path, or the spec itself)."""
+    digest = hashlib.sha1(json.dumps([spec.kind, spec.path, spec.backend, spec.url]).encode())
+    root = Path(spec.path) if spec.path else None
+    if root is not None and root.exists():
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.relative_to(root.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:10]
+
+
+@dataclass
+class Entry:
+    spec: ScorerSpec
+    scorer: Scorer
+    version: int
+    fingerprint: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def weight(self) -> float:
+        return self.spec.weight
+
+    def describe(self) -> dict:
+        return {**asdict(self.spec), "version": self.version, "fingerprint": self.fingerprint,
+                "status": "live" if self.weight != 0 else "shadow", "loaded_at": self.loaded_at}
+
+
+@dataclass
+class RewardResult:
+    """The reward of one sample and where it came from.
+
+    reward:     sum of weight * score over the live scorers (weight != 0); None when a live
+                scorer could not give a finite score, so the sample must not be trained on
+    components: every scorer's finite score, shadow scorers (weight 0) included
+    versions:   {scorer: version} of every scorer that was asked, the shadow ones included
+    failed:     {scorer: reason} for each scorer whose score was dropped (NaN, inf, error, timeout)
+    """
+
+    prompt_id: str
+    reward: float | None
+    components: dict[str, float]
+    weights: dict[str, float]
+    versions: dict[str, int]
+    failed: dict[str, str]
+    details: dict[str, dict] = field(default_factory=dict)
+
+
+class Journal:
+    """Append-only JSONL of committed changes; one line per change, flushed at once."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+
+    def append(self, op: str, **fields) -> dict:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": op, **fields}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        return record
+
+    def records(self) -> list[dict]:
+        if self.path is None or not self.path.is_file():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:  # a torn last line after a crash: keep what is whole
+                records.append({"op": "unreadable", "line": number, "error": str(exc)})
+        return records
+
+
+class RewardRegistry:
+    """Named scorers, their weights and versions; `score` combines them on a batch.
+
+    Each scorer runs on its own thread so the scorers of a batch run side by side, and so a scorer
+    that hangs is abandoned after `timeout_s` (its scores for that batch count as failed) instead
+    of freezing every request; while it is still stuck, later batches skip it the same way.
+    """
+
+    def __init__(self, probe: Sequence[EditSample], journal: Journal | None = None, timeout_s: float = 120.0,
+                 loader: Callable[[ScorerSpec], Scorer] = load_scorer):
+        if not probe:
+            raise ValueError("the registry needs at least one probe sample to check new scorers on")
+        self.probe = list(probe)
+        self.journal = journal or Journal(None)
+        self.timeout_s = timeout_s
+        self.loader = loader
+        self._entries: dict[str, Entry] = {}
+        self._last_version: dict[str, int] = {}  # never decreases, even across remove and add
+        self._lock = threading.Lock()  # guards _entries and _last_version; never held while loading
+        self._change_lock = threading.Lock()  # one change at a time, so probes do not race each other
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._busy: dict[str, Future] = {}
+        self.failures: dict[str, dict[str, int]] = {}  # scorer -> reason kind -> count
+
+    # ------------------------------------------------------------------ reading
+
+    def snapshot(self) -> dict[str, Entry]:
+        with self._lock:
+            return dict(self._entries)
+
+    def describe(self) -> list[dict]:
+        return [entry.describe() for entry in self.snapshot().values()]
+
+    def versions(self) -> dict[str, int]:
+        return {name: entry.version for name, entry in self.snapshot().items()}
+
+    # ------------------------------------------------------------------ changes
+
+    def _load_and_probe(self, spec: ScorerSpec) -> Scorer:
+        """Load the scorer and check it on the probe batch; RegistryError says what went wrong."""
+        try:
+            scorer = self.loader(spec)
+        except RegistryError:
+            raise
+        except Exception as exc:  # any load failure must leave the registry as it was
+            raise RegistryError(f"scorer {spec.name!r} ({spec.kind}, path={spec.path!r}) failed to load: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        try:
+            batch = scorer.score(self.probe)
+        except Exception as exc:
+            raise RegistryError(f"scorer {spec.name!r} loaded but failed on the probe batch: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        scores = np.asarray(batch.scores, dtype=np.float64)
+        if scores.shape != (len(self.probe),):
+            raise RegistryError(f"scorer {spec.name!r} returned scores of shape {scores.shape} for "
+                                f"{len(self.probe)} probe samples")
+        if not np.isfinite(scores).any():
+            raise RegistryError(f"scorer {spec.name!r} gave no finite score on the {len(self.probe)} probe samples "
+                                f"({scores.tolist()})")
+        low, high = scorer.score_range
+        finite = scores[np.isfinite(scores)]
+        if (finite < low).any() or (finite > high).any():
+            raise RegistryError(f"scorer {spec.name!r} gave probe scores {finite.tolist()} outside its range "
+                                f"[{low}, {high}]")
+        return scorer
+
+    def _commit(self, spec: ScorerSpec, scorer: Scorer, op: str) -> Entry:
+        with self._lock:
+            version = self._last_version.get(spec.name, 0) + 1
+            entry = Entry(spec, scorer, version, fingerprint(spec))
+            self._entries[spec.name] = entry
+            self._last_version[spec.name] = version
+        self.journal.append(op, spec=asdict(spec), version=version, fingerprint=entry.fingerprint)
+        return entry
+
+    def add(self, spec: ScorerSpec) -> Entry:
+        with self._change_lock:
+            if spec.name in self.snapshot():
+                raise RegistryError(f"a scorer named {spec.name!r} is already registered; use swap to replace it")
+            if spec.kind not in KINDS:
+                raise RegistryError(f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
+            if not math.isfinite(spec.weight):
+                raise RegistryError(f"scorer {spec.name!r}: weight must be a finite number, got {spec.weight}")
+            return self._commit(spec, self._load_and_probe(spec), "add")
+
+    def swap(self, name: str, path: str | None = None, backend: str | None = None, url: str | None = None) -> Entry:
+        """Replace a scorer's model (same name, kind and weight), e.g. a newer reward-model checkpoint."""
+        with self._change_lock:
+            old = self._require(name)
+            spec = replace(old.spec, path=path if path is not None else old.spec.path,
+                           backend=backend if backend is not None else old.spec.backend,
+                           url=url if url is not None else old.spec.url)
+            return self._commit(spec, self._load_and_probe(spec), "swap")
+
+    def remove(self, name: str) -> dict:
+        with self._change_lock:
+            entry = self._require(name)
+            with self._lock:
+                del self._entries[name]
+            self.journal.append("remove", name=name, version=entry.version)
+            return entry.describe()
+
+    def set_weight(self, name: str, weight: float) -> Entry:
+        """Re-weight without reloading: the version stays, the combined reward changes."""
+        if not math.isfinite(weight):
+            raise RegistryError(f"scorer {name!r}: weight must be a finite number, got {weight}")
+        with self._change_lock:
+            with self._lock:
+                entry = self._require(name)
+                entry = replace(entry, spec=replace(entry.spec, weight=float(weight)))
+                self._entries[name] = entry
+            self.journal.append("set_weight", name=name, weight=float(weight), version=entry.version)
+            return entry
+
+    def _require(self, name: str) -> Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            known = ", ".join(self._entries) or "none"
+            raise RegistryError(f"no scorer named {name!r} is registered (registered: {known})")
+        return entry
+
+    def restore(self, initial: Sequence[ScorerSpec]) -> list[str]:
+        """The config's scorers, then every journaled change on top; returns what could not be restored.
+
+        A journaled scorer that no longer loads (its files were deleted, say) is reported and left
+        out rather than stopping the server; the versions keep counting from the journal.
+        """
+        records = self.journal.records()
+        journal, self.journal = self.journal, Journal(None)  # replaying must not journal again
+        problems = []
+        try:
+            specs: dict[str, ScorerSpec] = {s.name: s for s in initial}
+            versions: dict[str, int] = {s.name: 1 for s in initial}
+            for record in records:
+                op = record.get("op")
+                if op in ("add", "swap"):
+                    spec = ScorerSpec(**record["spec"])
+                    specs[spec.name], versions[spec.name] = spec, record["version"]
+                elif op == "remove":
+                    specs.pop(record["name"], None)
+                elif op == "set_weight" and record["name"] in specs:
+                    specs[record["name"]] = replace(specs[record["name"]], weight=record["weight"])
+                elif op == "unreadable":
+                    problems.append(f"{journal.path}: line {record['line']} is not JSON ({record['error']}); skipped")
+            for name, spec in specs.items():
+                try:
+                    scorer = self._load_and_probe(spec)
+                except RegistryError as exc:
+                    problems.append(str(exc))
+                    continue
+                with self._lock:
+                    self._entries[name] = Entry(spec, scorer, versions[name], fingerprint(spec))
+            with self._lock:
+                for record in records:
+                    if record.get("op") in ("add", "swap"):
+                        name = record["spec"]["name"]
+                        self._last_version[name] = max(self._last_version.get(name, 0), record["version"])
+                for name, version in versions.items():
+                    self._last_version[name] = max(self._last_version.get(name, 0), version)
+        finally:
+            self.journal = journal
+        return problems
+
+    # ------------------------------------------------------------------ scoring
+
+    def _executor(self, name: str) -> ThreadPoolExecutor:
+        if name not in self._executors:
+            self._executors[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{name}")
+        return self._executors[name]
+
+    def _count_failure(self, name: str, reason: str, n: int) -> None:
+        kinds = self.failures.setdefault(name, {})
+        kinds[reason] = kinds.get(reason, 0) + n
+
+    def score(self, samples: Sequence[EditSample]) -> list[RewardResult]:
+        """Score a batch with one snapshot of the registry, so each result has one consistent set of versions."""
+        entries = self.snapshot()
+        n = len(samples)
+        futures: dict[str, Future] = {}
+        outcome: dict[str, ScoreBatch | str] = {}
+        for name, entry in entries.items():
+            stuck = self._busy.get(name)
+            if stuck is not None and not stuck.done():
+                outcome[name] = "still busy after an earlier timeout"
+                continue
+            futures[name] = self._busy[name] = self._executor(name).submit(entry.scorer.score, samples)
+        wait(list(futures.values()), timeout=self.timeout_s)
+        for name, future in futures.items():
+            if not future.done():
+                outcome[name] = f"timed out after {self.timeout_s:g} s"
+            elif future.exception() is not None:
+                exc = future.exception()
+                outcome[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                outcome[name] = future.result()
+
+        results = [RewardResult(prompt_id=s.prompt_id, reward=0.0, components={}, weights={}, versions={},
+                                failed={}) for s in samples]
+        for name, entry in entries.items():
+            answer = outcome[name]
+            if isinstance(answer, str):
+                scores, details, reason = np.full(n, np.nan), [{}] * n, answer
+                self._count_failure(name, "timeout" if "timed out" in answer or "busy" in answer else "error", n)
+            else:
+                scores, details, reason = np.asarray(answer.scores, dtype=np.float64), answer.details, "non-finite score"
+            for i, result in enumerate(results):
+                result.weights[name] = entry.weight
+                result.versions[name] = entry.version
+                value = float(scores[i])
+                if math.isfinite(value):
+                    result.components[name] = value
+                    if details[i]:
+                        result.details[name] = details[i]
+                    if result.reward is not None and entry.weight != 0:
+                        result.reward += entry.weight * value
+                else:
+                    result.failed[name] = reason if isinstance(answer, str) else f"{reason} ({value})"
+                    if not isinstance(answer, str):
+                        self._count_failure(name, "nonfinite", 1)
+                    if entry.weight != 0:
+                        result.reward = None
+        if not any(entry.weight != 0 for entry in entries.values()):
+            for result in results:  # nothing live: a reward of 0 would look like a real score
+                result.reward, result.failed["*"] = None, "no live scorer (every weight is 0 or none is registered)"
+        return results
+
+    def close(self) -> None:
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
