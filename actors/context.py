@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.tensorboard import SummaryWriter
 
 from actors.learner_group import LearnerGroup
+from actors.reward_server import start_reward_server
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.runlog import RunDir
+from reward_server.bradley_terry import MODEL_SPEC_FILE
 
 
 @dataclass
@@ -26,6 +29,31 @@ class PipelineContext:
     rows: dict[str, list[ManifestRow]] = field(default_factory=dict)  # split -> rows, loaded once by the data stage
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
+    _reward_server: object | None = None  # the named reward-server actor handle
+
+    def reward_available(self) -> bool:
+        """A reward server runs, or can start: the reward stage has exported its model, or no scorer needs it."""
+        if self._reward_server is not None:
+            return True
+        needs_stage = any(s.kind == "bradley_terry" and s.path is None for s in self.config.reward.scorers)
+        trained = (self.run.stage_checkpoint("reward") / MODEL_SPEC_FILE).is_file()
+        return bool(self.config.reward.scorers) and (trained or not needs_stage)
+
+    def reward_server(self, reload: bool = False):
+        """The run's named reward server, started on first use; it lives until the run ends.
+
+        reload: a server that was already running reloads the bradley_terry scorers the reward stage
+        serves (a swap to the same path: version + 1, so results show the retrained model).
+        """
+        if self._reward_server is None:
+            self._reward_server = start_reward_server(self.config, self.run)
+        elif reload:
+            for scorer in self.config.reward.scorers:
+                if scorer.kind == "bradley_terry" and scorer.path is None:
+                    answer = ray.get(self._reward_server.swap.remote(scorer.name))
+                    if not answer["ok"]:
+                        raise RuntimeError(f"reward server: reloading {scorer.name} failed: {answer['error']}")
+        return self._reward_server
 
     def progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -50,6 +78,9 @@ class PipelineContext:
                 self.writer.add_scalar(tag, value, self.global_step if step is None else step)
 
     def shutdown(self) -> None:
+        if self._reward_server is not None:
+            ray.kill(self._reward_server, no_restart=True)
+            self._reward_server = None
         if self._learners is not None:
             self._learners.shutdown()
         if self._rollouts is not None:

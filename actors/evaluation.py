@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
 from posterrl.policy import SPEC_FILE, EditPolicy
 from posterrl.runlog import RunDir
+from reward_server.types import EditSample
 
 
 def latest_policy_dir(run: RunDir) -> Path | None:
@@ -36,9 +38,37 @@ def eval_rows(rows: list[ManifestRow], per_task: int, tasks: list[str]) -> list[
     return [r for t in tasks for r in chosen[t]]
 
 
+@dataclass
+class Evaluation:
+    """Per task (and "mean"): the held-out gold metric, and the served reward when a reward server runs."""
+
+    gold: dict[str, float]
+    reward: dict[str, float] = field(default_factory=dict)
+
+    def record(self, run: RunDir, label: str) -> None:
+        run.record_gold(label, self.gold)
+        if self.reward:
+            run.record_reward(label, self.reward)
+
+
+def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str, float]:
+    """Mean combined reward per task from the run's reward server (samples it drops are left out)."""
+    server = ctx.reward_server()
+    results = ray.get(server.score.remote(samples, ctx.global_step))
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for sample, result in zip(samples, results):
+        if result.reward is not None:
+            per_task[sample.task].append(result.reward)
+    means = {t: float(np.mean(v)) for t, v in per_task.items()}
+    if means:
+        means["mean"] = float(np.mean(list(means.values())))
+    return means
+
+
 def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[str] | None = None,
-             tag_prefix: str = "eval") -> dict[str, float]:
-    """Held-out gold metric per task for the given weights, sampled on the rollout actors."""
+             tag_prefix: str = "eval") -> Evaluation:
+    """Held-out gold metric per task for the given weights, sampled on the rollout actors; with a
+    reward server running (after the reward stage), the learned reward of the same samples too."""
     cfg = ctx.config
     rows = eval_rows(ctx.rows["val"], cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
     group = ctx.rollout_group()
@@ -54,20 +84,24 @@ def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[s
 
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)
+    edits: list[EditSample] = []
     for row, rollout_group in zip(rows, groups):
         target = row.load_target()
         output = rollout_group.output_images(size=target.size)[0]
+        edits.append(EditSample(row.id, row.task, row.instruction, row.load_inputs(), output, row.meta))
         gold = gold_metric(row.task, output, target, row.meta)
         scores[row.task].append(gold)
         grid_rows[row.task].append(([*row.load_inputs(), output, target],
                                     [*(f"input {i}" for i in range(len(row.inputs))), f"out {gold:.2f}", "target"]))
     per_task = {t: float(np.mean(v)) for t, v in scores.items()}
     per_task["mean"] = float(np.mean([per_task[t] for t in scores]))
+    reward = served_rewards(ctx, edits) if ctx.reward_available() else {}
 
     if ctx.writer is not None:
-        for task, value in per_task.items():
-            tag = f"{tag_prefix}/gold_mean" if task == "mean" else f"{tag_prefix}/task/{task}/gold"
-            ctx.writer.add_scalar(tag, value, ctx.global_step)
+        for metric, values in (("gold", per_task), ("reward", reward)):
+            for task, value in values.items():
+                tag = f"{tag_prefix}/{metric}_mean" if task == "mean" else f"{tag_prefix}/task/{task}/{metric}"
+                ctx.writer.add_scalar(tag, value, ctx.global_step)
         if cfg.logging.image_grids:
             for task, items in grid_rows.items():
                 sheet = labelled_grid([images for images, _ in items], [labels for _, labels in items])
@@ -75,7 +109,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[s
                 text = "\n\n".join(f"`{r.id}`: {r.instruction}" for r in rows if r.task == task)
                 ctx.writer.add_text(f"{tag_prefix}/{task}/instructions", text, ctx.global_step)
         ctx.writer.flush()
-    return per_task
+    return Evaluation(per_task, reward)
 
 
 # Row labels of the gold table for the stage whose export is evaluated.
@@ -89,8 +123,8 @@ def run_eval(ctx: PipelineContext) -> dict[str, Any]:
         policy, label = EditPolicy.from_config(ctx.config.model, ctx.config.rollout), "untrained"
     else:
         policy, label = EditPolicy.from_pretrained(source), POLICY_LABELS[source.name]
-    per_task = evaluate(ctx, policy.state_dict(), label)
+    evaluation = evaluate(ctx, policy.state_dict(), label)
     export = policy.save_pretrained(ctx.run.stage_checkpoint("eval"))
-    ctx.run.record_gold(label, per_task)
+    evaluation.record(ctx.run, label)
     return {"policy": label, "checkpoint": str(export), "per_task_prompts": ctx.config.rollout.eval_per_task,
-            "seed": ctx.config.rollout.seed, "gold": per_task}
+            "seed": ctx.config.rollout.seed, "gold": evaluation.gold, "reward": evaluation.reward}

@@ -66,7 +66,7 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
     rows = _train_rows(ctx)
     if "untrained" not in ctx.run.summary().get("gold", {}):
         untrained = EditPolicy.from_config(cfg.model, cfg.rollout).state_dict()
-        ctx.run.record_gold("untrained", evaluate(ctx, untrained, "untrained"))
+        evaluate(ctx, untrained, "untrained").record(ctx.run, "untrained")
     figures: dict[str, Any] = {}
     for regime in REGIMES:
         export_dir = ctx.run.stage_checkpoint("sft") / regime
@@ -80,9 +80,9 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
             raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
         figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.learner.sft_steps, None,
                                        export_dir, regime_tasks)
-        gold = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), label)
-        ctx.run.record_gold(label, gold)
-        figures[regime]["gold"] = gold
+        evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), label)
+        evaluation.record(ctx.run, label)
+        figures[regime]["gold"] = evaluation.gold
     return figures
 
 
@@ -107,7 +107,7 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
     ctx.learner_group().set_experts(experts)
     figures = train_policy(ctx, "distill", _train_rows(ctx), "distill", cfg.learner.distill_steps, init,
                            export_dir, list(cfg.data.tasks))
-    gold = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), "student")
-    ctx.run.record_gold("student", gold)
-    figures["gold"] = gold
+    evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), "student")
+    evaluation.record(ctx.run, "student")
+    figures["gold"] = evaluation.gold
     return figures

@@ -26,6 +26,7 @@ import deepspeed  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from learner.bt_loss import bradley_terry_loss  # noqa: E402
 from learner.flow import draw_flow_inputs  # noqa: E402
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
 from posterrl.batch import collate
@@ -33,16 +34,20 @@ from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
 from posterrl.policy import EditPolicy, quiet_model_libraries
+from reward_server.bradley_terry import build_reward_model, pair_sides, save_reward_model
+from reward_server.types import PreferencePair
 
 LATEST_FILE = "latest.json"
 
 
-def deepspeed_config(config: Config) -> dict:
+def deepspeed_config(config: Config, batch_size: int | None = None, micro_batch_size: int | None = None) -> dict:
+    """The DeepSpeed config of a training stage; batch sizes default to the policy stages' (learner.*)."""
     lr, ds = config.learner, config.deepspeed
+    batch_size, micro_batch_size = batch_size or lr.batch_size, micro_batch_size or lr.micro_batch_size
     return {
-        "train_batch_size": lr.batch_size,
-        "train_micro_batch_size_per_gpu": lr.micro_batch_size,
-        "gradient_accumulation_steps": lr.batch_size // (lr.num_ranks * lr.micro_batch_size),
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": batch_size // (lr.num_ranks * micro_batch_size),
         "gradient_clipping": lr.grad_clip,
         "zero_optimization": {
             "stage": ds.zero_stage,
@@ -129,7 +134,7 @@ class Learner:
 
     @property
     def policy(self) -> EditPolicy:
-        return self.engine.module
+        return self.engine.module  # in the policy stages (sft, distill, rl)
 
     # ------------------------------------------------------------------ training
 
@@ -177,6 +182,69 @@ class Learner:
             v_global = self.experts["global"](x_t, t, ids, mask, inputs)  # (b, 3, R, R)
         v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (b, 3, R, R)
         return distillation_loss(v, v_expert, x0, eps, self.config.learner.lambda_expert)
+
+    # ------------------------------------------------------------------ Bradley-Terry reward model
+
+    def start_reward_stage(self, spec: dict, pairs: list[PreferencePair], seed: int) -> int:
+        """A reward model (backbone + scalar head) in a fresh DeepSpeed engine, with the stage's training pairs.
+
+        The pairs are sent once and indexed by every step: each step's pairs are cut from the same list
+        on every rank, so only indices travel.
+        """
+        bt = self.config.reward.bt
+        self.stage, self.seed, self.step = "reward", seed, 0
+        torch.manual_seed(seed)
+        model = build_reward_model(spec)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters and head only
+        optimizer = torch.optim.AdamW(trainable, lr=bt.lr, weight_decay=self.config.learner.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.config.learner.warmup_steps))
+        per_rank = bt.batch_size // self.world_size
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, bt.batch_size, per_rank), dist_init_required=False,
+        )
+        self.pairs = pairs
+        return sum(p.numel() for p in trainable)
+
+    def train_reward_step(self, indices: Sequence[int]) -> StepStats:
+        """One optimizer step of the Bradley-Terry loss on the pairs at `indices` (a global batch)."""
+        bt = self.config.reward.bt
+        self.engine.train()
+        chosen, rejected, tie = pair_sides([self.pairs[i] for i in indices[self.rank :: self.world_size]])
+        r_chosen = self.engine(**self._on_device(self.engine.module.prepare(chosen)))  # (b,)
+        r_rejected = self.engine(**self._on_device(self.engine.module.prepare(rejected)))  # (b,)
+        loss, stats = bradley_terry_loss(r_chosen, r_rejected, tie.to(self.device), bt.margin, bt.ties, bt.tie_theta)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        keys = sorted(stats)
+        reduced = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        totals = {k: float(v) / self.world_size for k, v in zip(keys, reduced)}
+        return StepStats(step=self.step, loss=totals.pop("loss"), grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                         lr=self.scheduler.get_last_lr()[0], samples=len(indices), extra=totals)
+
+    @torch.no_grad()
+    def reward_pair_scores(self, pairs: list[PreferencePair], batch_size: int = 64) -> tuple[list[float], list[float]]:
+        """Rewards of chosen and rejected for held-out pairs (no gradient, eval mode)."""
+        self.engine.eval()
+        model, chosen, rejected = self.engine.module, [], []
+        for start in range(0, len(pairs), batch_size):
+            sides = pair_sides(pairs[start : start + batch_size])
+            chosen += model(**self._on_device(model.prepare(sides[0]))).float().cpu().tolist()
+            rejected += model(**self._on_device(model.prepare(sides[1]))).float().cpu().tolist()
+        return chosen, rejected
+
+    def _on_device(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Floating inputs follow the engine's precision (bf16 under DeepSpeed bf16); ids and masks stay integer.
+        dtype = next(self.engine.module.parameters()).dtype
+        return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device) for k, v in prepared.items()}
+
+    def export_reward_model(self, directory: str) -> str:
+        if self.rank == 0:
+            save_reward_model(self.engine.module, directory)
+        dist.barrier()
+        return directory
 
     def parameter_checksum(self) -> float:
         """Sum of all parameters (tests compare it across ranks)."""

@@ -59,6 +59,13 @@ class RunDir:
 
     def record_gold(self, label: str, per_task: dict[str, float]) -> None:
         """One row of the gold-metric table (rows: policies, columns: tasks and the mean)."""
+        self._record_row("gold", label, per_task)
+
+    def record_reward(self, label: str, per_task: dict[str, float]) -> None:
+        """One row of the learned-reward table: the served reward of the same held-out samples."""
+        self._record_row("reward", label, per_task)
+
+    def _record_row(self, table: str, label: str, per_task: dict[str, float]) -> None:
         summary = self.summary()
-        summary.setdefault("gold", {})[label] = per_task
+        summary.setdefault(table, {})[label] = per_task
         self.write_summary(summary)

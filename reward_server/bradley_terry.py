@@ -1,0 +1,186 @@
+"""Bradley-Terry reward models: a backbone plus a scalar head, saved and served as a scorer.
+
+Every reward model follows one contract, so the learner trains any of them the same way:
+    model.spec                        the JSON spec it was built from (saved beside the weights)
+    model.prepare(samples) -> dict    EditSamples -> tensors (CPU)
+    model(**prepared) -> (B,)         one scalar reward per sample
+
+Backbones: `conv` (ConvRewardModel, below: the tiny default) and `vlm` (reward_server/vlm_reward.py:
+a Qwen2-VL / Qwen2.5-VL with an MLP head on the last token, optionally LoRA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from posterrl.config import BradleyTerryConfig
+from posterrl.data.tasks import TASKS
+from posterrl.images import canvas_tensor
+from reward_server.types import EditSample, PreferencePair, ScoreBatch
+
+MODEL_SPEC_FILE = "posterrl_reward_model.json"
+WEIGHTS_FILE = "model.safetensors"
+MAX_INPUTS = 3
+
+
+def reward_model_spec(bt: BradleyTerryConfig, seed: int = 0) -> dict:
+    """The spec a reward model is built from, taken from the reward.bt config section."""
+    spec = {"backbone": bt.backbone, "seed": seed, "tasks": list(TASKS)}
+    if bt.backbone == "conv":
+        spec.update(channels=bt.channels, image_size=bt.image_size, max_inputs=MAX_INPUTS)
+    else:
+        spec.update(vlm_path=bt.vlm_path, lora_rank=bt.lora_rank)
+    return spec
+
+
+def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(4, c_out), nn.GELU())
+
+
+def _encoder(c_in: int, c: int) -> nn.Sequential:
+    """S x S -> 2 x 2 x 4c features: three stride-2 stages, then a coarse spatial pool (layout matters)."""
+    return nn.Sequential(_stage(c_in, c, 1), _stage(c, 2 * c, 2), _stage(2 * c, 4 * c, 2), _stage(4 * c, 4 * c, 2),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+
+class ConvRewardModel(nn.Module):
+    """A small vision network that judges an edit given its inputs and task.
+
+    The gold metric compares the output with a target the reward model never sees, so it must judge
+    the edit from what the policy was given: one encoder looks at the output alone (is it a clean
+    poster?), another at the output stacked channel-wise with each input (does it keep and use what
+    it was given?), pooled over the 1..3 inputs; a learned task embedding says which edit was asked
+    for. The instruction's text is not read: at the tiny default's 32 px canvas no title is legible,
+    and the task fixes what kind of change is wanted.
+    """
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = dict(spec)
+        c, self.size = spec["channels"], spec["image_size"]
+        self.tasks = list(spec["tasks"])
+        features = 4 * c * 4
+        self.output_encoder = _encoder(3, c)
+        self.pair_encoder = _encoder(6, c)
+        self.task_embedding = nn.Embedding(len(self.tasks), 32)
+        self.head = nn.Sequential(nn.Linear(2 * features + 32, 256), nn.GELU(), nn.Linear(256, 1))
+
+    def prepare(self, samples: Sequence[EditSample]) -> dict[str, torch.Tensor]:
+        n_inputs = self.spec["max_inputs"]
+        inputs = torch.zeros(len(samples), n_inputs, 3, self.size, self.size)
+        mask = torch.zeros(len(samples), n_inputs)
+        for i, sample in enumerate(samples):
+            for j, image in enumerate(sample.inputs[:n_inputs]):
+                inputs[i, j], mask[i, j] = canvas_tensor(image, self.size), 1.0
+        return {
+            "output": torch.stack([canvas_tensor(s.output, self.size) for s in samples]),  # (B, 3, S, S)
+            "inputs": inputs,  # (B, M, 3, S, S), zeros where absent
+            "input_mask": mask,  # (B, M)
+            "task": torch.tensor([self.tasks.index(s.task) for s in samples]),  # (B,)
+        }
+
+    def forward(self, output: torch.Tensor, inputs: torch.Tensor, input_mask: torch.Tensor,
+                task: torch.Tensor) -> torch.Tensor:
+        b, m = input_mask.shape
+        f_out = self.output_encoder(output)  # (B, F)
+        stacked = torch.cat([output.unsqueeze(1).expand(-1, m, -1, -1, -1), inputs], dim=2)  # (B, M, 6, S, S)
+        f_pair = self.pair_encoder(stacked.flatten(0, 1)).view(b, m, -1)  # (B, M, F)
+        weights = input_mask / input_mask.sum(1, keepdim=True).clamp(min=1)  # (B, M)
+        f_inputs = (f_pair * weights.unsqueeze(-1)).sum(1)  # (B, F) mean over present inputs
+        features = torch.cat([f_out, f_inputs, self.task_embedding(task)], dim=1)  # (B, 2F + 32)
+        return self.head(features).squeeze(-1)  # (B,)
+
+
+def build_reward_model(spec: dict) -> nn.Module:
+    """The one place that maps a backbone name to its class."""
+    torch.manual_seed(spec.get("seed", 0))
+    if spec["backbone"] == "conv":
+        return ConvRewardModel(spec)
+    if spec["backbone"] == "vlm":
+        from reward_server.vlm_reward import VlmRewardModel
+
+        return VlmRewardModel(spec)
+    raise ValueError(f"reward model spec: unknown backbone {spec['backbone']!r} (expected conv or vlm)")
+
+
+def pair_sides(pairs: Sequence[PreferencePair]) -> tuple[list[EditSample], list[EditSample], torch.Tensor]:
+    """Pairs as two aligned lists of samples (chosen, rejected) and the (B,) tie mask."""
+    chosen = [EditSample(p.pair_id, p.task, p.instruction, p.inputs, p.chosen) for p in pairs]
+    rejected = [EditSample(p.pair_id, p.task, p.instruction, p.inputs, p.rejected) for p in pairs]
+    return chosen, rejected, torch.tensor([p.tie for p in pairs], dtype=torch.bool)
+
+
+def save_reward_model(model: nn.Module, directory: str | Path) -> Path:
+    """Weights and spec into `directory`, written beside it first and moved in whole."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    (tmp / MODEL_SPEC_FILE).write_text(json.dumps(model.spec, indent=2) + "\n")
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def load_reward_model(directory: str | Path) -> nn.Module:
+    """A saved reward model; errors name the directory and what is missing or wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"reward model {directory}: no such directory")
+    spec_path, weights_path = directory / MODEL_SPEC_FILE, directory / WEIGHTS_FILE
+    for path in (spec_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"reward model {directory}: missing {path.name} (not a saved posterrl reward model)")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"reward model {spec_path}: not valid JSON ({exc})") from exc
+    model = build_reward_model(spec)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"reward model {weights_path}: unreadable weights ({type(exc).__name__}: {exc})") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"reward model {weights_path}: weights do not fit the spec in {MODEL_SPEC_FILE} "
+                         f"({str(exc).splitlines()[0]})") from exc
+    return model
+
+
+class BradleyTerryScorer:
+    """A trained reward model as a scorer: unbounded scalar rewards (higher is better)."""
+
+    kind = "bradley_terry"
+    score_range = (-float("inf"), float("inf"))
+
+    def __init__(self, directory: str | Path, batch_size: int = 64):
+        self.model = load_reward_model(directory).eval()
+        self.batch_size = batch_size
+        self.fingerprint = hashlib.sha1((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()[:10]
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[EditSample]) -> ScoreBatch:
+        scores = []
+        for start in range(0, len(samples), self.batch_size):
+            prepared = self.model.prepare(samples[start : start + self.batch_size])
+            scores.append(self.model(**prepared).double().numpy())
+        return ScoreBatch(np.concatenate(scores) if scores else np.zeros(0), [{} for _ in samples])

@@ -1,0 +1,111 @@
+"""The conv Bradley-Terry reward model: it learns to rank, saves, loads, and fails loudly on bad files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from learner.bt_loss import bradley_terry_loss
+from posterrl.config import BradleyTerryConfig
+from posterrl.data.tasks import TASKS, build_samples
+from reward_server.bradley_terry import (
+    MODEL_SPEC_FILE,
+    WEIGHTS_FILE,
+    BradleyTerryScorer,
+    build_reward_model,
+    load_reward_model,
+    pair_sides,
+    reward_model_spec,
+    save_reward_model,
+)
+from reward_server.types import EditSample, PreferencePair
+
+SPEC = reward_model_spec(BradleyTerryConfig(channels=8, image_size=32))
+
+
+def degraded(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A worse edit: blurred and noised, or the poster shifted."""
+    if rng.random() < 0.5:
+        array = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+        array += rng.normal(0, 25, array.shape)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    return image.transform(image.size, Image.AFFINE, (1, 0, image.width // 4, 0, 1, 0), fillcolor=(128, 128, 128))
+
+
+def target_pairs(start: int, n: int, seed: int) -> list[PreferencePair]:
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for index in range(start, start + n):
+        for s in build_samples(index, 0, 32, TASKS):
+            pairs.append(PreferencePair(s.id, s.task, s.instruction, s.inputs, s.target, degraded(s.target, rng),
+                                        source="policy", gold_margin=1.0))
+    return pairs
+
+
+def rewards(model, samples):
+    with torch.no_grad():
+        return model(**model.prepare(samples))
+
+
+def test_prepare_and_forward_shapes():
+    model = build_reward_model(SPEC)
+    samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(0, 0, 32, TASKS)]
+    prepared = model.prepare(samples)
+    assert prepared["output"].shape == (6, 3, 32, 32) and prepared["inputs"].shape == (6, 3, 3, 32, 32)
+    assert prepared["input_mask"].sum(1).tolist() == [len(s.inputs) for s in samples]
+    out = rewards(model, samples)
+    assert out.shape == (6,) and torch.isfinite(out).all()
+
+
+def test_conv_model_learns_to_rank_held_out_pairs():
+    torch.manual_seed(0)
+    model = build_reward_model(SPEC)
+    train, held_out = target_pairs(0, 12, seed=1), target_pairs(100, 4, seed=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def accuracy(pairs):
+        chosen, rejected, _ = pair_sides(pairs)
+        return float((rewards(model, chosen) > rewards(model, rejected)).float().mean())
+
+    before = accuracy(held_out)
+    rng = np.random.default_rng(0)
+    for _ in range(120):
+        batch = [train[i] for i in rng.choice(len(train), 16, replace=False)]
+        chosen, rejected, tie = pair_sides(batch)
+        loss, _ = bradley_terry_loss(model(**model.prepare(chosen)), model(**model.prepare(rejected)), tie)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = accuracy(held_out)
+    assert after >= 0.85 and after > before
+
+
+def test_save_load_round_trip_and_scorer(tmp_path):
+    model = build_reward_model({**SPEC, "seed": 3}).eval()
+    save_reward_model(model, tmp_path / "rm")
+    save_reward_model(model, tmp_path / "rm")  # overwriting a saved model is allowed
+    loaded = load_reward_model(tmp_path / "rm").eval()
+    samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(1, 0, 32, TASKS)]
+    assert torch.equal(rewards(model, samples), rewards(loaded, samples))
+    scorer = BradleyTerryScorer(tmp_path / "rm", batch_size=4)
+    batch = scorer.score(samples)
+    assert batch.scores.dtype == np.float64 and batch.scores.shape == (6,)
+    np.testing.assert_allclose(batch.scores, rewards(model, samples).double().numpy(), rtol=1e-6)
+
+
+def test_bad_directories_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_reward_model(tmp_path / "absent")
+    save_reward_model(build_reward_model(SPEC), tmp_path / "rm")
+    (tmp_path / "rm" / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable weights"):
+        load_reward_model(tmp_path / "rm")
+    save_reward_model(build_reward_model(SPEC), tmp_path / "rm")
+    (tmp_path / "rm" / MODEL_SPEC_FILE).write_text(json.dumps({**SPEC, "channels": 16}))
+    with pytest.raises(ValueError, match="do not fit the spec"):
+        load_reward_model(tmp_path / "rm")
+    (tmp_path / "rm" / MODEL_SPEC_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {MODEL_SPEC_FILE}"):
+        load_reward_model(tmp_path / "rm")
