@@ -210,9 +210,14 @@ class Learner:
         """One optimizer step of the Bradley-Terry loss on the pairs at `indices` (a global batch)."""
         bt = self.config.reward.bt
         self.engine.train()
+        model = self.engine.module
         chosen, rejected, tie = pair_sides([self.pairs[i] for i in indices[self.rank :: self.world_size]])
-        r_chosen = self.engine(**self._on_device(self.engine.module.prepare(chosen)))  # (b,)
-        r_rejected = self.engine(**self._on_device(self.engine.module.prepare(rejected)))  # (b,)
+        chosen, rejected = model.prepare(chosen), model.prepare(rejected)
+        if bt.augment:
+            generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank)) & 0x7FFFFFFF)
+            model.augment_pairs(chosen, rejected, generator)
+        r_chosen = self.engine(**self._on_device(chosen))  # (b,)
+        r_rejected = self.engine(**self._on_device(rejected))  # (b,)
         loss, stats = bradley_terry_loss(r_chosen, r_rejected, tie.to(self.device), bt.margin, bt.ties, bt.tie_theta)
         self.engine.backward(loss)
         self.engine.step()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The pipeline order; a config lists a subsequence of it.
 STAGE_ORDER = ("data", "sft", "distill", "reward", "rl", "eval")
 # Stages this version can run. The others are part of the CLI contract and arrive with later work.
-IMPLEMENTED_STAGES = ("data", "sft", "distill", "eval")
+IMPLEMENTED_STAGES = ("data", "sft", "distill", "reward", "eval")
 POLICY_KINDS = ("tiny_flux", "flux_kontext", "qwen_image_edit")
 IMPLEMENTED_POLICY_KINDS = ("tiny_flux",)
 
@@ -113,6 +113,7 @@ class BradleyTerryConfig(_Section):
     tie_theta: float = Field(1.5, gt=1.0)  # Rao-Kupper threshold parameter (theta > 1)
     margin: float = Field(0.0, ge=0)  # constant margin: -log sigmoid(r_w - r_l - margin)
     negative_pairs: bool = True  # PosterOmni: the unedited input as the rejected sample
+    augment: bool = True  # backbone conv: the same random flip and channel permutation for both sides of a pair
     preference_manifest: str | None = None  # user pairs (JSONL: id, task, instruction, inputs, chosen, rejected, tie)
     eval_every: int = Field(100, ge=1)
 
@@ -242,9 +243,6 @@ class Config(_Section):
             problems.append(f"reward.scorers has duplicate names {dupes}")
         for index, scorer in enumerate(self.reward.scorers):
             where = f"reward.scorers[{index}] ({scorer.name})"
-            if scorer.kind == "bradley_terry" and scorer.path is None and "reward" not in self.stages:
-                problems.append(f"{where}: a bradley_terry scorer without a path serves the model the reward "
-                                f"stage trains, but stages={self.stages} has no 'reward'")
             if scorer.kind == "vlm_judge":
                 if scorer.backend is None or scorer.path is None:
                     problems.append(f"{where}: kind vlm_judge needs backend (transformers, vllm or openai) and path "
@@ -259,6 +257,8 @@ class Config(_Section):
             problems.append("stages has 'reward' but reward.scorers has no bradley_terry scorer without a path "
                             "to serve the model it trains, e.g. {name: bt, kind: bradley_terry, weight: 1.0}")
         bt = self.reward.bt
+        if bt.backbone == "vlm" and bt.augment:
+            problems.append("reward.bt.augment=true applies to the conv backbone only; set it false with backbone vlm")
         if bt.backbone == "vlm" and not bt.vlm_path:
             problems.append("reward.bt.backbone=vlm needs reward.bt.vlm_path (a local Qwen2-VL directory)")
         if "reward" in self.stages and bt.batch_size % lr.num_ranks:
@@ -290,6 +290,15 @@ class Config(_Section):
             path = getattr(self.data, key)
             if path and not Path(path).is_file():
                 problems.append(f"data.{key}={path!r}: no such file")
+        for index, scorer in enumerate(self.reward.scorers):
+            local = scorer.kind == "bradley_terry" or (scorer.kind == "vlm_judge" and scorer.backend != "openai")
+            if local and scorer.path and not Path(scorer.path).is_dir():
+                problems.append(f"reward.scorers[{index}] ({scorer.name}).path={scorer.path!r}: no such directory")
+        bt = self.reward.bt
+        if bt.preference_manifest and not Path(bt.preference_manifest).is_file():
+            problems.append(f"reward.bt.preference_manifest={bt.preference_manifest!r}: no such file")
+        if bt.backbone == "vlm" and bt.vlm_path and not Path(bt.vlm_path).is_dir():
+            problems.append(f"reward.bt.vlm_path={bt.vlm_path!r}: no such directory")
         if self.model.pretrained_path and not Path(self.model.pretrained_path).is_dir():
             problems.append(f"model.pretrained_path={self.model.pretrained_path!r}: no such directory")
         return problems

@@ -89,6 +89,26 @@ class ConvRewardModel(nn.Module):
             "task": torch.tensor([self.tasks.index(s.task) for s in samples]),  # (B,)
         }
 
+    @staticmethod
+    def augment_pairs(chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor],
+                      generator: torch.Generator) -> None:
+        """The same random horizontal flip and RGB channel permutation for both sides of each pair, in place.
+
+        Both leave the gold metric's ordering of a pair unchanged (its MSE and histogram terms are taken
+        over all channels; the target flips and permutes with the outputs), and they multiply the
+        distinct training views by 12: without them the small network memorises the pairs within a
+        few hundred steps (docs/reward_model.md).
+        """
+        b = chosen["output"].shape[0]
+        perm = torch.stack([torch.randperm(3, generator=generator) for _ in range(b)])  # (B, 3)
+        flip = torch.rand(b, generator=generator) < 0.5  # (B,)
+        for side in (chosen, rejected):
+            out, inp = side["output"], side["inputs"]  # (B, 3, S, S), (B, M, 3, S, S)
+            out = torch.gather(out, 1, perm.view(b, 3, 1, 1).expand_as(out))
+            inp = torch.gather(inp, 2, perm.view(b, 1, 3, 1, 1).expand_as(inp))
+            side["output"] = torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
+            side["inputs"] = torch.where(flip.view(b, 1, 1, 1, 1), inp.flip(-1), inp)
+
     def forward(self, output: torch.Tensor, inputs: torch.Tensor, input_mask: torch.Tensor,
                 task: torch.Tensor) -> torch.Tensor:
         b, m = input_mask.shape

@@ -182,7 +182,9 @@ class VlmJudge:
     kind = "vlm_judge"
     score_range = (0.0, 1.0)
 
-    def __init__(self, backend: str, path: str, url: str | None = None, batch_size: int = 8):
+    def __init__(self, backend: str, path: str, url: str | None = None, batch_size: int = 8, top_logprobs: int = 20):
+        """top_logprobs (openai): how many first-token candidates to ask for; OpenAI's API allows 20, a vLLM
+        server up to its --max-logprobs. Digits outside them get no probability mass."""
         if backend == "transformers":
             self.backend = _TransformersBackend(path)
         elif backend == "vllm":
@@ -190,7 +192,7 @@ class VlmJudge:
         elif backend == "openai":
             if not url:
                 raise ValueError("vlm_judge backend 'openai' needs url, e.g. http://127.0.0.1:8000/v1")
-            self.backend = _OpenAIBackend(url, path)
+            self.backend = _OpenAIBackend(url, path, top_logprobs=top_logprobs)
         else:
             raise ValueError(f"vlm_judge: unknown backend {backend!r} (expected transformers, vllm or openai)")
         self.batch_size = batch_size

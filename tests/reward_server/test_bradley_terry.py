@@ -109,3 +109,20 @@ def test_bad_directories_give_clear_errors(tmp_path):
     (tmp_path / "rm" / MODEL_SPEC_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=f"missing {MODEL_SPEC_FILE}"):
         load_reward_model(tmp_path / "rm")
+
+
+def test_augmentation_transforms_both_sides_of_a_pair_alike():
+    model = build_reward_model(SPEC)
+    channel_values = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1)
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32)  # left to right, so a flip is visible
+    chosen = {"output": (channel_values + ramp).expand(8, 3, 32, 32).clone(),
+              "inputs": (channel_values + ramp).unsqueeze(1).expand(8, 2, 3, 32, 32).clone()}
+    rejected = {k: v.clone() * 2 for k, v in chosen.items()}
+    model.augment_pairs(chosen, rejected, torch.Generator().manual_seed(0))
+    flips = chosen["output"][:, 0, 0, 0] > chosen["output"][:, 0, 0, -1]
+    assert 0 < int(flips.sum()) < 8  # some pairs flipped, some not
+    order = chosen["output"].mean((2, 3))  # (B, 3): the channel permutation of each pair
+    assert not torch.equal(order, order[:1].expand_as(order))  # permutations differ across pairs
+    for b in range(8):
+        assert torch.allclose(rejected["output"][b], 2 * chosen["output"][b])  # same transform on both sides
+        assert torch.allclose(chosen["inputs"][b, 1], chosen["output"][b])  # and on the inputs
