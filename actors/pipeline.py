@@ -19,6 +19,7 @@ from actors.cluster import connect
 from actors.context import PipelineContext
 from actors.data import run_data
 from actors.evaluation import run_eval
+from actors.reward_stage import run_reward
 from actors.training import REGIMES, run_distill, run_sft
 from posterrl.config import STAGE_ORDER, Config, ConfigError
 from posterrl.data.tasks import TASKS
@@ -29,6 +30,7 @@ STAGE_RUNNERS: dict[str, Callable[[PipelineContext], dict[str, Any]]] = {
     "data": run_data,
     "sft": run_sft,
     "distill": run_distill,
+    "reward": run_reward,
     "eval": run_eval,
 }
 
@@ -37,8 +39,9 @@ SHORT_TASK_NAMES = {"extending": "extend", "filling": "fill", "rescaling": "resc
                     "identity-driven": "identity", "layout-driven": "layout", "style-driven": "style", "mean": "mean"}
 
 
-def print_gold_table(console: Console, gold: dict[str, dict[str, float]]) -> None:
-    table = Table(title="held-out gold metric (higher is better)")
+def print_gold_table(console: Console, gold: dict[str, dict[str, float]],
+                     title: str = "held-out gold metric (higher is better)") -> None:
+    table = Table(title=title)
     table.add_column("policy", no_wrap=True)
     for task in [*TASKS, "mean"]:
         table.add_column(SHORT_TASK_NAMES[task], justify="right")
@@ -93,6 +96,8 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
         summary = run.summary()
         if summary.get("gold"):
             print_gold_table(console, summary["gold"])
+        if summary.get("reward"):
+            print_gold_table(console, summary["reward"], "learned reward of the same held-out samples (served)")
         console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")
         return summary
     finally:

@@ -1,5 +1,5 @@
-"""Smoke test of the real CLI: the whole `posterrl run` pipeline (data -> sft -> distill -> eval) at toy
-length on a real local Ray cluster with real DeepSpeed ranks, then `posterrl sample` on its exports."""
+"""Smoke test of the real CLI: the whole `posterrl run` pipeline (data -> sft -> distill -> reward -> eval)
+at toy length on a real local Ray cluster with real DeepSpeed ranks, then `posterrl sample` on its exports."""
 
 import json
 import subprocess
@@ -16,7 +16,8 @@ from posterrl.data.tasks import TASKS
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["stages=[data,sft,distill,eval]", "data.n_train=3", "data.n_val=2", "data.chunks=2",
+OVERRIDES = ["stages=[data,sft,distill,reward,eval]", "reward.bt.steps=4", "reward.bt.batch_size=8",
+             "reward.bt.eval_every=2", "reward.bt.samples_per_prompt=2", "reward.bt.negative_pairs=true", "data.n_train=3", "data.n_val=2", "data.chunks=2",
              "rollout.eval_per_task=1", "rollout.num_steps=2", "learner.sft_steps=3", "learner.distill_steps=2",
              "learner.eval_every=2", "learner.checkpoint_every=2", "learner.batch_size=4",
              "learner.micro_batch_size=2", "logging.progress=false"]
@@ -39,6 +40,8 @@ def run_dir(tmp_path_factory):
 
 def test_run_directory_layout(run_dir):
     assert load_config(run_dir / "config.yaml") == load_config("configs/tiny.yaml", OVERRIDES)
+    assert (run_dir / "checkpoints" / "reward" / "posterrl_reward_model.json").is_file()
+    assert (run_dir / "cluster.json").is_file()
     for export in ("sft/local", "sft/global", "distill", "eval"):
         assert (run_dir / "checkpoints" / export / "posterrl_policy.json").is_file()
         assert (run_dir / "checkpoints" / export / "transformer" / "config.json").is_file()
@@ -51,11 +54,19 @@ def test_run_directory_layout(run_dir):
 
 def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stages"]) == {"data", "sft", "distill", "eval"}
+    assert set(summary["stages"]) == {"data", "sft", "distill", "reward", "eval"}
     assert summary["stages"]["data"]["train"]["per_task"] == {t: 3 for t in TASKS}
     assert summary["stages"]["sft"]["local"]["steps"] == 3
     assert summary["stages"]["distill"]["final"]["learner/distill_loss"] >= 0
     assert list(summary["gold"]) == ROWS
+    reward = summary["stages"]["reward"]
+    # 3 posters x 6 tasks, K = 2: one policy pair and one negative pair per prompt
+    assert reward["train_pairs"] == {"policy": 18, "negative": 18, "manifest": 0}
+    assert [h["step"] for h in reward["history"]] == [2, 4]
+    assert 0.0 <= reward["held_out"]["pairwise_accuracy"] <= 1.0
+    # the final evaluation ran with the reward server up: the learned reward of the same samples
+    assert set(summary["reward"]["student"]) == {*TASKS, "mean"}
+    assert all(v == v for v in summary["reward"]["student"].values())
     for row in ROWS:
         gold = summary["gold"][row]
         assert set(gold) == {*TASKS, "mean"}
@@ -77,6 +88,9 @@ def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     image = acc.Images(f"eval/{TASKS[0]}")[0]
     assert image.width > 0 and image.height > 0
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert [v.step for v in acc.Scalars("learner/bt/loss")] == list(range(9, 13))  # after sft and distill
+    assert len(acc.Scalars("eval/bt/pairwise_accuracy")) == 2
+    assert "eval/reward_mean" in tags["scalars"] and f"eval/task/{TASKS[0]}/reward" in tags["scalars"]
     assert acc.Scalars("eval/gold_mean")[0].value == pytest.approx(summary["gold"]["untrained"]["mean"], abs=1e-6)
     assert acc.Scalars("eval/gold_mean")[-1].value == pytest.approx(summary["gold"]["student"]["mean"], abs=1e-6)
 
@@ -122,7 +136,7 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
 
 
 def test_unavailable_stage_is_refused_before_ray_starts(tmp_path):
-    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,reward]", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,rl]", "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert "stages ['reward'] are not available in this version" in proc.stdout
+    assert "stages ['rl'] are not available in this version" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

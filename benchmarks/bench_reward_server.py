@@ -1,0 +1,98 @@
+"""Reward-server throughput: dynamic batching versus one request at a time, 32 concurrent clients.
+
+Both servers are real named Ray actors serving the same Bradley-Terry reward model (the tiny
+default's conv backbone, or --channels/--image-size for a larger one); each client sends
+one-sample requests back to back, as rollout actors do when a group finishes. Printed side by
+side from one run:
+
+    python benchmarks/bench_reward_server.py [--clients 32] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from actors.reward_server import probe_samples, start_reward_server
+from posterrl.config import load_config
+from posterrl.runlog import RunDir
+from reward_server.bradley_terry import build_reward_model, reward_model_spec, save_reward_model
+
+
+def drive(server, samples, clients: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        request = [samples[index % len(samples)]]
+        while not stop.is_set():
+            began = time.perf_counter()
+            ray.get(server.score.remote(request))
+            with lock:
+                latencies.append(time.perf_counter() - began)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    described = ray.get(server.describe.remote())
+    return {"samples_per_s": len(latencies) / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+            "mean_batch": described["stats"]["mean_batch_size"], "requests": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--channels", type=int, help="conv backbone width (default: the tiny default's)")
+    parser.add_argument("--image-size", type=int, help="conv backbone canvas (default: the tiny default's)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    overrides = [f"reward.bt.channels={args.channels}"] if args.channels else []
+    overrides += [f"reward.bt.image_size={args.image_size}"] if args.image_size else []
+    base = load_config("configs/tiny.yaml", overrides)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    root = Path(tempfile.mkdtemp(prefix="bench_reward_"))
+    model_dir = root / "rm"
+    save_reward_model(build_reward_model(reward_model_spec(base.reward.bt)), model_dir)
+    samples = probe_samples(base, 16)
+
+    modes = {"one at a time": ["reward.max_batch_size=1", "reward.max_wait_ms=0"],
+             "dynamic batching": [f"reward.max_batch_size={args.clients}", "reward.max_wait_ms=5"]}
+    results = {}
+    for mode, extra in modes.items():
+        config = load_config("configs/tiny.yaml", [*overrides, "stages=[data]", "reward.cpus=1", *extra,
+                                                   f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {model_dir}}}]"])
+        run = RunDir(root / mode.replace(" ", "_")).create(config)
+        server = start_reward_server(config, run)
+        drive(server, samples, args.clients, 2.0)  # warm-up: threads, allocator, first batches
+        results[mode] = drive(server, samples, args.clients, args.seconds)
+        ray.kill(server, no_restart=True)
+
+    print(f"\nreward server, {args.clients} concurrent clients, one-sample requests, {args.seconds:g} s each, "
+          f"BT conv backbone (channels {base.reward.bt.channels}, canvas {base.reward.bt.image_size})")
+    print(f"{'mode':<18}{'samples/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}")
+    for mode, r in results.items():
+        print(f"{mode:<18}{r['samples_per_s']:>12.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['mean_batch']:>12.1f}")
+    ratio = results["dynamic batching"]["samples_per_s"] / results["one at a time"]["samples_per_s"]
+    print(f"throughput ratio (dynamic / one at a time): {ratio:.2f}x (target >= 3x)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
