@@ -65,14 +65,18 @@ def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str,
     return means
 
 
-def evaluate(ctx: PipelineContext, policy_state: dict, label: str, tasks: list[str] | None = None,
-             tag_prefix: str = "eval") -> Evaluation:
+def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks: list[str] | None = None,
+             tag_prefix: str = "eval", version: int | None = None) -> Evaluation:
     """Held-out gold metric per task for the given weights, sampled on the rollout actors; with a
-    reward server running (after the reward stage), the learned reward of the same samples too."""
+    reward server running (after the reward stage), the learned reward of the same samples too.
+
+    policy_state None evaluates the weights the rollout actors hold (the rl stage's published ones).
+    """
     cfg = ctx.config
     rows = eval_rows(ctx.rows["val"], cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
     group = ctx.rollout_group()
-    group.load_weights(policy_state, version=ctx.global_step)
+    if policy_state is not None:
+        group.load_weights(policy_state, version=ctx.global_step if version is None else version)
     refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
     with ctx.progress() as progress:
         bar = progress.add_task(f"eval: sampling {label} ({len(rows)} prompts)", total=len(refs), info="")
@@ -126,5 +130,26 @@ def run_eval(ctx: PipelineContext) -> dict[str, Any]:
     evaluation = evaluate(ctx, policy.state_dict(), label)
     export = policy.save_pretrained(ctx.run.stage_checkpoint("eval"))
     evaluation.record(ctx.run, label)
-    return {"policy": label, "checkpoint": str(export), "per_task_prompts": ctx.config.rollout.eval_per_task,
-            "seed": ctx.config.rollout.seed, "gold": evaluation.gold, "reward": evaluation.reward}
+    figures = {"policy": label, "checkpoint": str(export), "per_task_prompts": ctx.config.rollout.eval_per_task,
+               "seed": ctx.config.rollout.seed, "gold": evaluation.gold, "reward": evaluation.reward}
+    if label == "after RL":
+        figures["final_table"] = final_table(ctx)
+    return figures
+
+
+def final_table(ctx: PipelineContext) -> dict[str, dict[str, dict[str, float]]]:
+    """Rows untrained, student, after RL: held-out gold and learned reward per task.
+
+    The untrained and student rows were evaluated before a reward model existed (their gold is on
+    record); their learned reward is measured now on the same held-out samples.
+    """
+    summary = ctx.run.summary()
+    sources = {"untrained": None, "student": ctx.run.stage_checkpoint("distill")}
+    for label, source in sources.items():
+        if label in summary["gold"] and label not in summary.get("reward", {}) and ctx.reward_available():
+            policy = (EditPolicy.from_config(ctx.config.model, ctx.config.rollout) if source is None
+                      else EditPolicy.from_pretrained(source))
+            ctx.run.record_reward(label, evaluate(ctx, policy.state_dict(), label, tag_prefix="final").reward)
+    summary = ctx.run.summary()
+    return {label: {"gold": summary["gold"][label], "reward": summary.get("reward", {}).get(label, {})}
+            for label in ("untrained", "student", "after RL") if label in summary["gold"]}

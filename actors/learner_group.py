@@ -11,6 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import threads_for
 from learner.engine import Learner, StepStats
+from posterrl.batch import RlSample
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 
@@ -18,6 +19,7 @@ from posterrl.data.manifest import ManifestRow
 class LearnerGroup:
     def __init__(self, config: Config):
         lc = config.learner
+        self.gpus_per_rank = lc.gpus_per_rank
         bundle = {"CPU": lc.cpus_per_rank, **({"GPU": lc.gpus_per_rank} if lc.gpus_per_rank else {})}
         self.placement = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self.placement.ready())
@@ -31,6 +33,10 @@ class LearnerGroup:
         # Rank 0 picks the rendezvous address on its own node; every rank then joins at once.
         master_addr, master_port = ray.get(self.ranks[0].free_address.remote())
         ray.get([r.join.remote(master_addr, master_port) for r in self.ranks])
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpus_per_rank > 0
 
     def call(self, method: str, *args, **kwargs) -> list:
         """The same method on every rank, concurrently (collectives need all ranks)."""
@@ -46,6 +52,10 @@ class LearnerGroup:
     def train_step(self, rows: Sequence[ManifestRow], objective: str) -> StepStats:
         rows_ref = ray.put(list(rows))
         return self.call("train_step", rows_ref, objective)[0]  # already averaged over ranks
+
+    def train_rl_step(self, samples: Sequence[RlSample]) -> StepStats:
+        samples_ref = ray.put(list(samples))
+        return self.call("train_rl_step", samples_ref)[0]  # already averaged over ranks
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return ray.get(self.ranks[0].state_dict.remote())

@@ -20,6 +20,7 @@ from actors.context import PipelineContext
 from actors.data import run_data
 from actors.evaluation import run_eval
 from actors.reward_stage import run_reward
+from actors.rl import run_rl
 from actors.training import REGIMES, run_distill, run_sft
 from posterrl.config import STAGE_ORDER, Config, ConfigError
 from posterrl.data.tasks import TASKS
@@ -31,6 +32,7 @@ STAGE_RUNNERS: dict[str, Callable[[PipelineContext], dict[str, Any]]] = {
     "sft": run_sft,
     "distill": run_distill,
     "reward": run_reward,
+    "rl": run_rl,
     "eval": run_eval,
 }
 

@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+import numpy as np
 import ray
 import torch
 
 from actors.cluster import threads_for
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
+from reward_server.types import EditSample
 from rollout.sampler import SamplerConfig
 from rollout.worker import RolloutGroup, RolloutWorker
+
+
+def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
+    """(w, h) of the edits as scorers and dumps see them: the target's size when the row has one (as the
+    evaluation scores it), else the output aspect at the first input's long side."""
+    if row.target is not None:
+        return row.load_target().size
+    long_side = max(row.load_inputs()[0].size)
+    w, h = group.output_aspect
+    return (long_side, max(1, round(long_side * h / w))) if w >= h else (max(1, round(long_side * w / h)), long_side)
+
+
+def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
+    """The K samples of a group as the scorers see them: images at the output size, with the row's inputs and meta."""
+    inputs = row.load_inputs()
+    return [EditSample(row.id, row.task, row.instruction, inputs, image, row.meta)
+            for image in group.output_images(size=output_size(row, group))]
+
+
+class RolloutActor(RolloutWorker):
+    """A RolloutWorker that hands each finished chunk straight to the reward server, so scoring overlaps sampling."""
+
+    def sample_and_score(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
+                         reward_server, step: int) -> tuple[list[RolloutGroup], ray.ObjectRef, float]:
+        """K samples per row, plus the reward server's answer for all of them (an ObjectRef, group-major order)
+        and the seconds spent sampling."""
+        began = time.perf_counter()
+        groups = self.sample(rows, group_size, base_seed, sampler)
+        sampled_s = time.perf_counter() - began
+        edits = [edit for row, group in zip(rows, groups) for edit in edit_samples(row, group)]
+        return groups, reward_server.score.remote(edits, step), sampled_s
 
 
 class RolloutActorGroup:
     def __init__(self, config: Config):
         rc = config.rollout
-        remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)(RolloutWorker)
+        remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)(RolloutActor)
         self.actors = [
             remote_worker.remote(model=config.model.model_dump(mode="json"),
                                  num_threads=threads_for(rc.cpus_per_actor))
@@ -25,17 +59,34 @@ class RolloutActorGroup:
         ]
         self.sampler = SamplerConfig(rc.solver, rc.num_steps, rc.shift)
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """One `ray.put`; every actor reads the same object."""
-        state_ref = ray.put(state_dict)
-        ray.get([a.load_weights.remote(state_ref, version) for a in self.actors])
+    def publish(self, weights: dict[str, torch.Tensor | np.ndarray] | ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
+        """Hand new weights to every actor: one object in the object store that every actor reads.
+
+        Returns the actors' acknowledgements (seconds each spent loading). Each actor loads after the
+        tasks already queued on it, so rollouts submitted before the publish keep their old version.
+        """
+        weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        return [a.load_weights.remote(weights_ref, version) for a in self.actors]
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | ray.ObjectRef, version: int) -> None:
+        ray.get(self.publish(state_dict, version))
+
+    def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:
+        return [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
 
     def submit(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int,
                chunk: int = 4) -> list[ray.ObjectRef]:
         """Chunks of rows dealt round-robin to the actors; ref i resolves to chunk i's groups, in order."""
-        chunks = [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
         return [self.actors[i % len(self.actors)].sample.remote(c, group_size, base_seed, self.sampler)
-                for i, c in enumerate(chunks)]
+                for i, c in enumerate(self._chunks(rows, chunk))]
+
+    def submit_scored(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, reward_server, step: int,
+                      chunk: int = 4) -> list[ray.ObjectRef]:
+        """As `submit`, but each chunk is sent to the reward server by its actor as soon as it is sampled;
+        ref i resolves to (groups, rewards ref, sampling seconds)."""
+        return [self.actors[i % len(self.actors)].sample_and_score.remote(c, group_size, base_seed, self.sampler,
+                                                                           reward_server, step)
+                for i, c in enumerate(self._chunks(rows, chunk))]
 
     def shutdown(self) -> None:
         for actor in self.actors:

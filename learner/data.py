@@ -66,3 +66,49 @@ class BatchPlan:
             epoch, offset = divmod(k, len(bucket))
             out.append(bucket[self._order(bucket_index, epoch)[offset]])
         return out
+
+
+def rl_prompts(rows: Sequence[ManifestRow], n: int, seed: int, epoch: int,
+               retired: set[str] | frozenset[str] = frozenset()) -> list[ManifestRow]:
+    """The n prompts of an RL epoch: balanced over tasks, a fixed function of (seed, epoch), retired ones left out.
+
+    Tasks take turns (in a per-epoch shuffled order), each drawing its next prompt from its own
+    per-epoch permutation, so every task gets n / tasks prompts (+1 for some when n does not divide).
+    """
+    by_task: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        if row.id not in retired:
+            by_task[row.task].append(row)
+    if not by_task:
+        raise ValueError("rl_prompts: no prompt left (every training prompt is retired)")
+    rng = np.random.default_rng([seed, 2, epoch])
+    tasks = sorted(by_task)
+    orders = {t: list(rng.permutation(len(by_task[t]))) for t in tasks}
+    turn = [tasks[i] for i in rng.permutation(len(tasks))]
+    chosen: list[ManifestRow] = []
+    while len(chosen) < n and any(orders.values()):
+        for task in turn:
+            if orders[task] and len(chosen) < n:
+                chosen.append(by_task[task][orders[task].pop(0)])
+    return chosen
+
+
+def rl_batches(samples: Sequence, batch_size: int, seed: int, key=lambda s: s.inputs.shape[0]) -> list[list]:
+    """Global batches of exactly batch_size samples that share `key` (their number of input images).
+
+    Every sample lands in a batch: a bucket's last partial batch is topped up with samples of the same
+    bucket drawn again, so each rank runs the same number of micro batches (collectives need that).
+    """
+    rng = np.random.default_rng(seed)
+    buckets: dict[int, list] = defaultdict(list)
+    for sample in samples:
+        buckets[key(sample)].append(sample)
+    batches = []
+    for _, bucket in sorted(buckets.items()):
+        order = [bucket[i] for i in rng.permutation(len(bucket))]
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < batch_size:
+                batch += [bucket[i] for i in rng.choice(len(bucket), batch_size - len(batch))]
+            batches.append(batch)
+    return [batches[i] for i in rng.permutation(len(batches))]

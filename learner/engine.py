@@ -23,21 +23,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, so DeepSpeed does not probe and warn
 
 import deepspeed  # noqa: E402
+
+# DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it starts
+# (deepspeed/comm/torch.py, build_shm_op), used only by inference_all_reduce, which training never
+# calls. The compile holds a lock file in the torch extensions folder: a process killed mid-compile
+# leaves the lock behind and every later DeepSpeed start, in any venv, waits on it forever (seen on
+# this project's machines). Marked incompatible, build_shm_op returns None and gloo does every
+# collective; on GPU the op is not built anyway.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 import numpy as np  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from learner.bt_loss import bradley_terry_loss  # noqa: E402
-from learner.flow import draw_flow_inputs  # noqa: E402
+from learner.flow import draw_flow_inputs, draw_grid_flow_inputs  # noqa: E402
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
-from posterrl.batch import collate
+from learner.nft import NftHyper, nft_loss, sampling_policy_eta, soft_update
+from posterrl.batch import RlSample, collate, stack_rl_samples
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
+from posterrl.flow import flow_sigmas
 from posterrl.policy import EditPolicy, quiet_model_libraries
+from posterrl.weight_sync import BroadcastGroup, trainable_tensors
 from reward_server.bradley_terry import build_reward_model, pair_sides, save_reward_model
 from reward_server.types import PreferencePair
 
 LATEST_FILE = "latest.json"
+SAMPLING_POLICY_FILE = "sampling_policy.pt"
 
 
 def deepspeed_config(config: Config, batch_size: int | None = None, micro_batch_size: int | None = None) -> dict:
@@ -87,6 +99,10 @@ class Learner:
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.engine = None
         self.experts: dict[str, EditPolicy] = {}
+        self.sampling_policy: EditPolicy | None = None  # rl stage: theta_old, what the rollouts sample with
+        self.reference: EditPolicy | None = None  # rl stage: the starting weights, for the KL term
+        self.sampling_updates = 0  # soft updates of theta_old so far (eta's schedule counts them)
+        self.weight_group: BroadcastGroup | None = None  # rank 0, rollout.weight_sync=broadcast
         self.step, self.stage, self.seed = 0, "", 0
 
     @staticmethod
@@ -108,18 +124,23 @@ class Learner:
 
     # ------------------------------------------------------------------ setup
 
-    def start_stage(self, stage: str, policy_state: dict[str, torch.Tensor] | None, seed: int) -> int:
-        """A fresh DeepSpeed engine (optimizer, schedule) for `stage`, from given weights or config init."""
+    def start_stage(self, stage: str, policy_state: dict[str, torch.Tensor] | None, seed: int,
+                    lr: float | None = None, batch_size: int | None = None) -> int:
+        """A fresh DeepSpeed engine (optimizer, schedule) for `stage`, from given weights or config init.
+
+        lr and batch_size default to the sft/distill ones (learner.lr, learner.batch_size).
+        """
         self.stage, self.seed, self.step = stage, seed, 0
+        self.sampling_policy = self.reference = None
         policy = EditPolicy.from_config(self.config.model, self.config.rollout)
         if policy_state is not None:
             policy.load_state_dict(policy_state)
-        lr = self.config.learner
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=lr.lr, weight_decay=lr.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(lr.warmup_steps))
+        lc = self.config.learner
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=lr or lc.lr, weight_decay=lc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(lc.warmup_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.config),
-            dist_init_required=False,
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, batch_size), dist_init_required=False,
         )
         return sum(p.numel() for p in policy.parameters())
 
@@ -164,13 +185,7 @@ class Learner:
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro)
         self.step += 1
-        grad_norm = self.engine.get_global_grad_norm()
-        # Every rank reports its own loss; average them so the driver sees the global batch.
-        reduced = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
-        dist.all_reduce(reduced)
-        totals = {k: float(v) / self.world_size for k, v in zip(sorted(totals), reduced)}
-        return StepStats(step=self.step, loss=totals.pop("loss"), grad_norm=float(grad_norm or 0.0),
-                         lr=self.scheduler.get_last_lr()[0], samples=len(rows), extra=totals)
+        return self._step_stats(totals, len(rows))
 
     def _sft_objective(self, v, x0, eps, x_t, t, ids, mask, inputs, tasks):
         return flow_matching_loss(v, x0, eps)
@@ -182,6 +197,93 @@ class Learner:
             v_global = self.experts["global"](x_t, t, ids, mask, inputs)  # (b, 3, R, R)
         v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (b, 3, R, R)
         return distillation_loss(v, v_expert, x0, eps, self.config.learner.lambda_expert)
+
+    # ------------------------------------------------------------------ DiffusionNFT (the rl stage)
+
+    def start_rl_stage(self, policy_state: dict[str, torch.Tensor], seed: int) -> int:
+        """theta in a fresh DeepSpeed engine (lr rl.lr), beside two frozen copies of the starting weights:
+        the sampling policy theta_old (what rollouts use; soft-updated after each epoch) and the
+        reference the KL term anchors to (left out when rl.kl_coef is 0).
+
+        Every rank holds the same theta_old: ZeRO-2 keeps whole parameters on each rank and the soft
+        update is deterministic, so no rank has to broadcast it.
+        """
+        rl = self.config.rl
+        count = self.start_stage("rl", policy_state, seed, lr=rl.lr, batch_size=rl.batch_size)
+        self.sampling_policy = self._frozen_copy(policy_state)
+        self.reference = self._frozen_copy(policy_state) if rl.kl_coef > 0 else None
+        self.nft = NftHyper(beta=rl.beta, adv_max=rl.adv_max, kl_coef=rl.kl_coef)
+        rc = self.config.rollout
+        self.time_grid = flow_sigmas(rc.num_steps, rc.shift)[:-1]  # (S,) the rollout's steps; 0 is no step
+        self.sampling_updates = 0
+        return count
+
+    def _frozen_copy(self, state: dict[str, torch.Tensor]) -> EditPolicy:
+        policy = EditPolicy.from_config(self.config.model, self.config.rollout)
+        policy.load_state_dict(state)
+        dtype = next(self.policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
+        return policy.to(self.device, dtype).eval().requires_grad_(False)
+
+    def train_rl_step(self, samples: Sequence[RlSample]) -> StepStats:
+        """One optimizer step of the NFT loss on a global batch of scored rollout samples (one number of inputs)."""
+        self.engine.train()
+        share = samples[self.rank :: self.world_size]
+        mb = self.config.learner.micro_batch_size
+        micro = [share[i : i + mb] for i in range(0, len(share), mb)]
+        dtype = next(self.policy.parameters()).dtype
+        totals: dict[str, float] = {}
+        for index, chunk in enumerate(micro):
+            instructions, inputs, x0, r = stack_rl_samples(chunk)  # (b, N, 3, R, R), (b, 3, R, R), (b,)
+            x0, inputs, r = x0.to(self.device, dtype), inputs.to(self.device, dtype), r.to(self.device)
+            generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
+            x_t, t, _ = draw_grid_flow_inputs(x0, self.time_grid, generator)  # (b, 3, R, R), (b,)
+            ids, mask = self.policy.tokenize(instructions)
+            v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+            with torch.no_grad():
+                v_old = self.sampling_policy(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+                v_ref = self.reference(x_t, t, ids, mask, inputs) if self.reference is not None else None
+            loss, stats = nft_loss(v, v_old, v_ref, x0, x_t, t, r, self.nft)
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
+        self.step += 1
+        return self._step_stats(totals, len(samples))
+
+    def update_sampling_policy(self) -> float:
+        """theta_old <- eta theta_old + (1 - eta) theta after an epoch; returns the eta used."""
+        rl = self.config.rl
+        eta = sampling_policy_eta(self.sampling_updates, rl.eta_rate, rl.eta_max)
+        soft_update(self.sampling_policy.parameters(), self.policy.parameters(), eta)
+        self.sampling_updates += 1
+        return eta
+
+    def sampling_weights(self) -> dict[str, np.ndarray]:
+        """theta_old as fp32 numpy arrays: the object store reads numpy without copies on every actor."""
+        return {k: v.detach().float().cpu().numpy() for k, v in self.sampling_policy.state_dict().items()}
+
+    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int) -> None:
+        """Rank 0 only: host the broadcast group to the rollout workers (NCCL on GPU, gloo on CPU)."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.weight_group = BroadcastGroup(master_addr, master_port, 0, world_size, backend)
+
+    def broadcast_sampling_weights(self) -> int:
+        """Send theta_old to every rollout worker of the broadcast group; returns the bytes sent."""
+        return self.weight_group.broadcast(trainable_tensors(self.sampling_policy))
+
+    def sampling_checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.sampling_policy.parameters()))
+
+    def _step_stats(self, totals: dict[str, float], samples: int) -> StepStats:
+        """Average per-rank stats over ranks, so the driver sees the global batch."""
+        grad_norm = self.engine.get_global_grad_norm()
+        keys = sorted(totals)
+        reduced = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        totals = {k: float(v) / self.world_size for k, v in zip(keys, reduced)}
+        return StepStats(step=self.step, loss=totals.pop("loss"), grad_norm=float(grad_norm or 0.0),
+                         lr=self.scheduler.get_last_lr()[0], samples=samples, extra=totals)
 
     # ------------------------------------------------------------------ Bradley-Terry reward model
 
@@ -222,12 +324,7 @@ class Learner:
         self.engine.backward(loss)
         self.engine.step()
         self.step += 1
-        keys = sorted(stats)
-        reduced = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(reduced)
-        totals = {k: float(v) / self.world_size for k, v in zip(keys, reduced)}
-        return StepStats(step=self.step, loss=totals.pop("loss"), grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                         lr=self.scheduler.get_last_lr()[0], samples=len(indices), extra=totals)
+        return self._step_stats({k: float(v) for k, v in stats.items()}, len(indices))
 
     @torch.no_grad()
     def reward_pair_scores(self, pairs: list[PreferencePair], batch_size: int = 64) -> tuple[list[float], list[float]]:
@@ -251,6 +348,10 @@ class Learner:
         dist.barrier()
         return directory
 
+    def current_step(self) -> int:
+        """Optimizer steps of the current stage (the driver's TensorBoard x axis follows it)."""
+        return self.step
+
     def parameter_checksum(self) -> float:
         """Sum of all parameters (tests compare it across ranks)."""
         with torch.no_grad():
@@ -268,10 +369,13 @@ class Learner:
         A crash mid-save leaves latest.json on the previous, complete checkpoint.
         """
         root, tag = Path(directory), f"step_{self.step:07d}"
-        state = {**client_state, "step": self.step, "stage": self.stage, "seed": self.seed}
+        state = {**client_state, "step": self.step, "stage": self.stage, "seed": self.seed,
+                 "sampling_updates": self.sampling_updates}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         torch.save(rng, root / tag / f"rng_rank{self.rank}.pt")
+        if self.sampling_policy is not None and self.rank == 0:  # rl: theta_old is state too (same on all ranks)
+            torch.save(self.sampling_policy.state_dict(), root / tag / SAMPLING_POLICY_FILE)
         dist.barrier()
         if self.rank == 0:
             tmp = root / (LATEST_FILE + ".tmp")
@@ -293,11 +397,15 @@ class Learner:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.step, self.stage, self.seed = client_state["step"], client_state["stage"], client_state["seed"]
+        if self.sampling_policy is not None:
+            self.sampling_policy.load_state_dict(torch.load(root / tag / SAMPLING_POLICY_FILE, weights_only=True))
+            self.sampling_updates = client_state["sampling_updates"]
         return client_state
 
-    def export(self, directory: str) -> str:
+    def export(self, directory: str, sampling_policy: bool = False) -> str:
+        """The trained policy (or, in the rl stage, theta_old: the policy the rollouts came from) in diffusers layout."""
         if self.rank == 0:
-            self.policy.save_pretrained(directory)
+            (self.sampling_policy if sampling_policy else self.policy).save_pretrained(directory)
         dist.barrier()
         return directory
 

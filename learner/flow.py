@@ -12,3 +12,18 @@ def draw_flow_inputs(x0: torch.Tensor, generator: torch.Generator) -> tuple[torc
     tb = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * eps  # (B, C, H, W)
     return x_t, t, eps
+
+
+def draw_grid_flow_inputs(x0: torch.Tensor, grid: torch.Tensor,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As draw_flow_inputs, but t is drawn uniformly from `grid` (G,): the rollout sampler's time steps.
+
+    DiffusionNFT trains at the timesteps its rollouts visited, so the update lands where the sampler
+    evaluates the policy.
+    """
+    index = torch.randint(len(grid), (x0.shape[0],), generator=generator)  # (B,)
+    t = grid[index].to(x0)  # (B,)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, H, W)
+    tb = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * eps  # (B, C, H, W)
+    return x_t, t, eps

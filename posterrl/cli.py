@@ -1,4 +1,4 @@
-"""`posterrl` command line: run, sft, distill, reward, config, data generate|show, sample."""
+"""`posterrl` command line: run, sft, distill, rl, reward, config, data generate|show, sample."""
 
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """`posterrl sft|distill CONFIG`, `posterrl reward train CONFIG`: that stage alone, after `data`
+    """`posterrl sft|distill|rl CONFIG`, `posterrl reward train CONFIG`: that stage alone, after `data`
     (which keeps data already generated)."""
     stage = "reward" if args.command == "reward" else args.command
-    config = load_config(args.config, [*args.overrides, f"stages=[data,{stage}]"])
+    stages = "data,rl,eval" if stage == "rl" else f"data,{stage}"  # rl ends with the held-out evaluation
+    config = load_config(args.config, [*args.overrides, f"stages=[{stages}]"])
     run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline
 
     run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console,
-                 allow_existing=stage in ("distill", "reward"))
+                 allow_existing=stage in ("distill", "reward", "rl"))
     return 0
 
 
@@ -158,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     for stage, text in (("sft", "train the local-editing and global-creation experts"),
-                        ("distill", "distill the experts of a run directory into one student")):
+                        ("distill", "distill the experts of a run directory into one student"),
+                        ("rl", "DiffusionNFT on a run directory's student with its reward server, then evaluate")):
         one = sub.add_parser(stage, help=f"{text} (the {stage} stage alone)")
         one.add_argument("config")
         one.add_argument("overrides", nargs="*")
-        one.add_argument("--run-dir", type=Path, help="run directory (distill: the one holding the sft experts)")
+        one.add_argument("--run-dir", type=Path, help="run directory (distill: the one holding the sft experts; "
+                                                     "rl: the one holding the student and the reward model)")
         one.add_argument("--address")
         one.add_argument("--resume", action="store_true")
         one.set_defaults(func=cmd_stage)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The pipeline order; a config lists a subsequence of it.
 STAGE_ORDER = ("data", "sft", "distill", "reward", "rl", "eval")
 # Stages this version can run. The others are part of the CLI contract and arrive with later work.
-IMPLEMENTED_STAGES = ("data", "sft", "distill", "reward", "eval")
+IMPLEMENTED_STAGES = ("data", "sft", "distill", "reward", "rl", "eval")
 POLICY_KINDS = ("tiny_flux", "flux_kontext", "qwen_image_edit")
 IMPLEMENTED_POLICY_KINDS = ("tiny_flux",)
 
@@ -82,6 +82,9 @@ class RolloutConfig(_Section):
     shift: float = Field(1.0, gt=0)  # timestep shift of FlowMatchEulerDiscreteScheduler
     seed: int = 0
     eval_per_task: int = Field(4, ge=1)  # held-out prompts per task in an evaluation
+    # How the rl stage's weights reach the actors: one object in the Ray object store that every actor
+    # reads (CPU default), or a broadcast from learner rank 0 on a process group of its own (NCCL on GPU).
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
 
 
 class ScorerConfig(_Section):
@@ -129,6 +132,32 @@ class RewardConfig(_Section):
     bt: BradleyTerryConfig = Field(default_factory=BradleyTerryConfig)
 
 
+class RlConfig(_Section):
+    """The `rl` stage: DiffusionNFT on the policy's own rollouts (DESIGN.md has the formulas)."""
+
+    epochs: int = Field(30, ge=1)  # sample -> score -> train -> publish rounds
+    prompts_per_epoch: int = Field(16, ge=1)  # prompt groups per epoch, each with rollout.group_size samples
+    mode: Literal["sync", "off_policy"] = "sync"  # off_policy: epoch e+1's rollouts run while epoch e trains
+    max_staleness: int = Field(1, ge=1)  # off_policy: rollouts may come from a policy this many updates old
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, ge=1)  # samples per optimizer step, across ranks (micro batches: learner.*)
+    passes: int = Field(1, ge=1)  # passes over an epoch's samples
+    beta: float = Field(1.0, gt=0)  # NFT: distance of the implicit positive/negative policies from v_old
+    adv_max: float = Field(5.0, gt=0)  # A_max: advantage clip, and the r mapping's scale
+    kl_coef: float = Field(1e-4, ge=0)  # weight of ||v_theta - v_ref||^2, v_ref the policy RL started from
+    eta_rate: float = Field(0.001, ge=0)  # sampling policy: eta = min(eta_rate * update, eta_max)
+    eta_max: float = Field(0.5, ge=0, lt=1)
+    min_group_std: float | None = Field(None, ge=0)  # skip prompt groups whose rewards spread less (Edit-R1: 0.05)
+    retire_threshold: float | None = None  # retire prompts whose group mean stays above this
+    retire_patience: int = Field(2, ge=1)  # ... for this many epochs in a row
+    eval_every: int = Field(10, ge=1)  # epochs between held-out gold evaluations
+    checkpoint_every: int = Field(10, ge=1)  # epochs between checkpoints (resume with --resume)
+    log_groups: int = Field(1, ge=0)  # prompt groups per task drawn as TensorBoard image grids each logged epoch
+    log_images_every: int = Field(5, ge=1)  # epochs between TensorBoard image grids
+    dump_every: int = Field(10, ge=1)  # epochs between rollout dumps (PNG + JSONL) under <run>/rollouts/
+    seed: int = 0
+
+
 class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1)
     cpus_per_rank: float = Field(0.5, ge=0)
@@ -172,6 +201,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -229,6 +259,20 @@ class Config(_Section):
                 f"rollout.group_size={self.rollout.group_size}: the rl stage compares samples within a "
                 "prompt group, so it needs at least 2"
             )
+        rl = self.rl
+        if "rl" in self.stages:
+            if rl.batch_size % per_step:
+                problems.append(
+                    f"rl.batch_size={rl.batch_size} must be a multiple of learner.num_ranks * "
+                    f"learner.micro_batch_size = {lr.num_ranks} * {lr.micro_batch_size} = {per_step}"
+                )
+            if not self.reward.scorers:
+                problems.append("stages has 'rl' but reward.scorers is empty: the rl stage needs a reward to optimise")
+            if rl.retire_threshold is None and rl.retire_patience != 2:
+                problems.append(f"rl.retire_patience={rl.retire_patience} has no effect without rl.retire_threshold")
+            if rl.mode == "sync" and rl.max_staleness != 1:
+                problems.append(f"rl.max_staleness={rl.max_staleness} applies to rl.mode=off_policy only "
+                                "(sync rollouts always come from the newest sampling policy)")
         if self.cluster.address is None and self.cluster.num_cpus is not None:
             need = self.cpus_requested()
             if need > self.cluster.num_cpus:
@@ -316,6 +360,10 @@ class Config(_Section):
             "max sequence (text + output + inputs)": m.text_encoder.max_length + tokens_per_image * (1 + m.max_inputs),
             "gradient accumulation steps": lr.batch_size // (lr.num_ranks * lr.micro_batch_size),
             "samples per rollout prompt group": self.rollout.group_size,
+            "rl samples per epoch (prompts x group)": self.rl.prompts_per_epoch * self.rollout.group_size,
+            "rl optimizer steps per epoch": self.rl.passes * -(-self.rl.prompts_per_epoch * self.rollout.group_size
+                                                                 // self.rl.batch_size),
+            "rl gradient accumulation steps": self.rl.batch_size // (lr.num_ranks * lr.micro_batch_size),
             "CPUs requested by actors": self.cpus_requested(),
         }
 

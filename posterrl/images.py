@@ -59,9 +59,13 @@ def uncanvas(tensor: torch.Tensor, aspect: Sequence[float], size: tuple[int, int
 
 def labelled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[Sequence[str]] | None = None,
                   cell: int = 96, header: int = 14) -> Image.Image:
-    """Rows of images, each letterboxed into a cell, with an optional caption above each cell."""
+    """Rows of images, each letterboxed into a cell, with an optional caption above each cell.
+
+    A caption may have several lines ("\n"); every line gets `header` pixels and is cut to fit the cell.
+    """
     n_cols = max(len(r) for r in rows)
-    top = header if labels is not None else 0
+    lines = max((label.count("\n") + 1 for row in labels for label in row), default=1) if labels is not None else 0
+    top = header * lines
     sheet = Image.new("RGB", (n_cols * cell, len(rows) * (cell + top)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=max(8, header - 4))
@@ -70,5 +74,6 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[Sequen
             x, y = j * cell, i * (cell + top)
             sheet.paste(letterbox(image, cell), (x, y + top))
             if labels is not None and j < len(labels[i]):
-                draw.text((x + 2, y + 1), labels[i][j][: cell // 6], fill=(0, 0, 0), font=font)
+                for k, line in enumerate(labels[i][j].split("\n")):
+                    draw.text((x + 2, y + 1 + k * header), line[: cell // 6], fill=(0, 0, 0), font=font)
     return sheet

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
+from posterrl.flow import flow_sigmas
 from posterrl.policy import Condition, EditPolicy
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -25,13 +25,6 @@ class SamplerConfig:
     solver: str = "euler"  # a key of SOLVERS
     num_steps: int = 8
     shift: float = 1.0
-
-
-def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """The scheduler's sigma grid, (num_steps + 1,), from 1 down to 0 (the appended terminal)."""
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas.float().cpu()
 
 
 def euler_step(velocity: VelocityFn, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -6,9 +6,12 @@ it in-process.
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,6 +20,7 @@ from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import uncanvas
 from posterrl.policy import EditPolicy, quiet_model_libraries
+from posterrl.weight_sync import BroadcastGroup, trainable_tensors
 from rollout.sampler import SamplerConfig, prompt_seed, sample_groups
 
 
@@ -25,6 +29,7 @@ class RolloutGroup:
     """The K samples of one prompt.
 
     samples:        (K, 3, R, R) canvases in [-1, 1] (the clean x0 the learner trains on)
+    inputs:         (N, 3, R, R) the input canvases the samples were conditioned on, in [-1, 1]
     output_aspect:  (w, h) the outputs are cropped to
     policy_version: version of the weights that sampled them
     """
@@ -33,6 +38,7 @@ class RolloutGroup:
     task: str
     instruction: str
     samples: torch.Tensor
+    inputs: torch.Tensor
     output_aspect: tuple[float, float]
     seed: int
     policy_version: int
@@ -56,11 +62,29 @@ class RolloutWorker:
             self.policy = EditPolicy.from_config(ModelConfig.model_validate(model))
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
+        self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        self.policy.load_state_dict(state_dict)
+    def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> float:
+        """New weights (tensors, or numpy arrays as the object store hands them out); returns seconds spent."""
+        began = time.perf_counter()
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only views; load_state_dict copies them into the parameters.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.policy.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
         self.policy_version = version
-        return version
+        return time.perf_counter() - began
+
+    def join_weight_broadcast(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                              backend: str) -> None:
+        """Join the learner's weight broadcast group as receiver `rank` (1..M)."""
+        self.weight_group = BroadcastGroup(master_addr, master_port, rank, world_size, backend)
+
+    def receive_weights(self, version: int) -> float:
+        """Take the weights learner rank 0 broadcasts now (every member calls at once); returns seconds spent."""
+        began = time.perf_counter()
+        self.weight_group.broadcast(trainable_tensors(self.policy))
+        self.policy_version = version
+        return time.perf_counter() - began
 
     def sample(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
                max_batch: int = 16) -> list[RolloutGroup]:
@@ -81,6 +105,7 @@ class RolloutWorker:
                     task=batch.tasks[g],
                     instruction=batch.instructions[g],
                     samples=out.images[g],
+                    inputs=batch.inputs[g],
                     output_aspect=batch.output_aspects[g],
                     seed=seeds[g],
                     policy_version=self.policy_version,

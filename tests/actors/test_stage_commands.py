@@ -2,12 +2,10 @@
 its last DeepSpeed checkpoint (real Ray, real DeepSpeed, real CLI)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -18,23 +16,6 @@ SMALL = ["data.n_train=2", "data.n_val=1", "data.chunks=1", "rollout.eval_per_ta
 
 def posterrl(*args):
     return subprocess.run([sys.executable, "-m", "posterrl.cli", *args], capture_output=True, text=True, timeout=900)
-
-
-def kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session: the driver and the Ray processes it started (Ray workers
-    get process groups of their own but stay in the session). Nothing outside it is touched."""
-    for _ in range(20):  # the raylet may start a worker while we kill: go round until none is left
-        members = []
-        for process in psutil.process_iter():
-            try:
-                if os.getsid(process.pid) == session_id:
-                    process.kill()
-                    members.append(process)
-            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-                pass
-        if not members:
-            return
-        psutil.wait_procs(members, timeout=5)
 
 
 def test_sft_then_distill_as_separate_commands(tmp_path):
@@ -60,7 +41,7 @@ def test_distill_without_experts_says_what_is_missing(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path):
+def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, kill_session):
     run = tmp_path / "run"
     args = ["sft", "configs/tiny.yaml", *SMALL, "learner.sft_steps=16", "learner.checkpoint_every=4",
             "--run-dir", str(run)]

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from learner.engine import Learner
+from posterrl.batch import RlSample
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import build_samples, write_samples
 from posterrl.policy import EditPolicy
@@ -64,3 +65,38 @@ def test_bf16_engine_trains(learner, rows):
         assert stats.loss == stats.loss and stats.loss < 10
     finally:
         learner.config.deepspeed.precision = "fp32"
+
+
+def rl_samples(tiny_policy, n: int, r: float):
+    """n scored 'rollout samples' of one filling-like prompt (1 input), all with optimality probability r."""
+    g = torch.Generator().manual_seed(0)
+    res = tiny_policy.spec.resolution
+    return [RlSample(f"p{i // 2}", "filling", "fill the gap", torch.rand(1, 3, res, res, generator=g) * 2 - 1,
+                     torch.rand(3, res, res, generator=g) * 2 - 1, r) for i in range(n)]
+
+
+def test_rl_step_moves_theta_and_the_soft_update_moves_theta_old(learner, tiny_policy, tmp_path):
+    learner.config.rl.batch_size, learner.config.rl.kl_coef = 4, 1e-2
+    learner.start_rl_stage(tiny_policy.state_dict(), seed=0)
+    start = learner.parameter_checksum()
+    assert learner.sampling_checksum() == pytest.approx(start) and learner.reference is not None
+    stats = learner.train_rl_step(rl_samples(tiny_policy, 4, r=1.0))
+    assert stats.step == 1 and stats.loss == stats.loss and stats.grad_norm > 0
+    assert stats.extra["kl"] == pytest.approx(0.0, abs=1e-10)  # theta equals the reference before the step
+    assert stats.extra["r_mean"] == pytest.approx(1.0)
+    moved = learner.parameter_checksum()
+    assert moved != start and learner.sampling_checksum() == pytest.approx(start)  # theta_old waits for the epoch end
+    assert learner.train_rl_step(rl_samples(tiny_policy, 4, r=1.0)).extra["kl"] > 0
+    # The first soft update has eta = min(0.001 * 0, 0.5) = 0: theta_old becomes theta.
+    assert learner.update_sampling_policy() == 0.0
+    assert learner.sampling_checksum() == pytest.approx(learner.parameter_checksum(), rel=1e-9)
+    assert learner.update_sampling_policy() == pytest.approx(0.001)
+    # A checkpoint keeps theta_old and the update count.
+    learner.save_checkpoint(str(tmp_path / "ck"), {"epoch": 2})
+    saved_old = learner.sampling_checksum()
+    learner.train_rl_step(rl_samples(tiny_policy, 4, r=0.0))
+    learner.update_sampling_policy()
+    learner.load_checkpoint(str(tmp_path / "ck"))
+    assert learner.sampling_checksum() == pytest.approx(saved_old, rel=1e-12) and learner.sampling_updates == 2
+    weights = learner.sampling_weights()
+    assert set(weights) == set(tiny_policy.state_dict()) and all(w.dtype.name == "float32" for w in weights.values())
