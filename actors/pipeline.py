@@ -99,7 +99,9 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
         if summary.get("gold"):
             print_gold_table(console, summary["gold"])
         if summary.get("reward"):
-            print_gold_table(console, summary["reward"], "learned reward of the same held-out samples (served)")
+            order = [label for label in summary.get("gold", {}) if label in summary["reward"]]
+            rows = {label: summary["reward"][label] for label in order + sorted(set(summary["reward"]) - set(order))}
+            print_gold_table(console, rows, "learned reward of the same held-out samples (served)")
         console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")
         return summary
     finally:

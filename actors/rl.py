@@ -101,9 +101,10 @@ class ScoredEpoch:
     stats: dict[str, float]
 
 
-def score_epoch(rollouts: EpochRollouts, adv_max: float, min_group_std: float | None) -> ScoredEpoch:
+def score_epoch(rollouts: EpochRollouts, adv_max: float, min_group_std: float | None,
+                advantage_std: str = "batch") -> ScoredEpoch:
     """Rewards -> advantages (group mean, global std) -> r; drops samples without a reward and filtered groups."""
-    ids, values, where = [], [], []
+    ids, values, where, tasks = [], [], [], []
     rewards: dict[str, np.ndarray] = {}
     dropped = 0
     for g, (group, results) in enumerate(zip(rollouts.groups, rollouts.results)):
@@ -116,6 +117,7 @@ def score_epoch(rollouts: EpochRollouts, adv_max: float, min_group_std: float | 
             continue
         for k in valid:
             ids.append(group.prompt_id)
+            tasks.append(group.task)
             values.append(combined[k])
             where.append((g, int(k)))
     r_by_group = {gid: np.full_like(v, np.nan) for gid, v in rewards.items()}
@@ -123,7 +125,7 @@ def score_epoch(rollouts: EpochRollouts, adv_max: float, min_group_std: float | 
     if not values:
         return ScoredEpoch([], rewards, r_by_group, adv_by_group, dropped, [], {})
     values = np.asarray(values)
-    advantages, stats = group_advantages(values, ids)
+    advantages, stats = group_advantages(values, ids, std_keys=tasks if advantage_std == "task" else None)
     r = optimality_probability(advantages, adv_max)
     filtered = sorted(low_variance_groups(values, ids, min_group_std)) if min_group_std is not None else []
     samples = []
@@ -290,11 +292,11 @@ def run_rl(ctx: PipelineContext) -> dict[str, Any]:
             # off_policy: the next epochs' rollouts start now, on the weights the actors hold, while we train.
             while len(in_flight) < ahead and in_flight_end(in_flight, epoch) < rl.epochs:
                 in_flight.append(submit(in_flight_end(in_flight, epoch)))
-            scored = score_epoch(rollouts, rl.adv_max, rl.min_group_std)
+            scored = score_epoch(rollouts, rl.adv_max, rl.min_group_std, rl.advantage_std)
             train_began = time.perf_counter()
             steps_stats = []
             for pass_index in range(rl.passes):
-                for batch in rl_batches(scored.samples, rl.batch_size, seed=hash((rl.seed, epoch, pass_index)) & 0x7FFFFFFF):
+                for batch in rl_batches(scored.samples, rl.batch_size, seed=[rl.seed, epoch, pass_index]):
                     steps_stats.append(learners.train_rl_step(batch))
             train_s = time.perf_counter() - train_began
             eta = learners.call("update_sampling_policy")[0]

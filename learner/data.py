@@ -93,7 +93,8 @@ def rl_prompts(rows: Sequence[ManifestRow], n: int, seed: int, epoch: int,
     return chosen
 
 
-def rl_batches(samples: Sequence, batch_size: int, seed: int, key=lambda s: s.inputs.shape[0]) -> list[list]:
+def rl_batches(samples: Sequence, batch_size: int, seed: int | Sequence[int],
+               key=lambda s: s.inputs.shape[0]) -> list[list]:
     """Global batches of exactly batch_size samples that share `key` (their number of input images).
 
     Every sample lands in a batch: a bucket's last partial batch is topped up with samples of the same

@@ -28,12 +28,16 @@ class NftHyper:
     std_eps: float = 1e-4  # added to the global std
 
 
-def group_advantages(rewards: np.ndarray, group_ids: Sequence[str], std_eps: float = 1e-4) -> tuple[np.ndarray, Stats]:
-    """A = (R - mean over the sample's prompt group) / (std over the whole batch + std_eps).
+def group_advantages(rewards: np.ndarray, group_ids: Sequence[str], std_eps: float = 1e-4,
+                     std_keys: Sequence[str] | None = None) -> tuple[np.ndarray, Stats]:
+    """A = (R - mean over the sample's prompt group) / (std + std_eps).
 
     rewards: (B,) combined rewards; group_ids: B prompt ids (the K samples of a prompt share one).
-    The "global std" of Flow-GRPO / DiffusionNFT: one scale for every group, so a group whose samples
-    barely differ gets advantages near 0 instead of blown-up noise.
+    The std is the "global std" of Flow-GRPO / DiffusionNFT, over the whole batch: one scale for every
+    group, so a group whose samples barely differ gets advantages near 0 instead of blown-up noise.
+    std_keys (B,), e.g. each sample's task, takes the std over the samples sharing a key instead:
+    still global across a task's groups, but a task whose reward spreads wide no longer sets the scale
+    of (and so outweighs) the others in a multi-task batch.
     """
     rewards = np.asarray(rewards, dtype=np.float64)  # (B,)
     ids = np.asarray(group_ids)
@@ -41,9 +45,13 @@ def group_advantages(rewards: np.ndarray, group_ids: Sequence[str], std_eps: flo
     for gid in np.unique(ids):
         members = ids == gid
         means[members] = rewards[members].mean()
-    std = float(rewards.std())  # () over the whole batch
-    advantages = (rewards - means) / (std + std_eps)  # (B,)
-    return advantages, {"reward_std": std, "advantage_abs_mean": float(np.abs(advantages).mean())}
+    keys = np.zeros(len(rewards), dtype=int) if std_keys is None else np.asarray(std_keys)
+    stds = np.zeros_like(rewards)  # (B,) the std each sample is scaled by
+    for key in np.unique(keys):
+        members = keys == key
+        stds[members] = rewards[members].std()
+    advantages = (rewards - means) / (stds + std_eps)  # (B,)
+    return advantages, {"reward_std": float(rewards.std()), "advantage_abs_mean": float(np.abs(advantages).mean())}
 
 
 def optimality_probability(advantages: np.ndarray, adv_max: float) -> np.ndarray:

@@ -142,6 +142,9 @@ class RlConfig(_Section):
     lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(16, ge=1)  # samples per optimizer step, across ranks (micro batches: learner.*)
     passes: int = Field(1, ge=1)  # passes over an epoch's samples
+    # The std advantages are divided by: over the whole batch (DiffusionNFT's "global std"), or over the
+    # batch's samples of the same task (one scale per task, so no task's reward range outweighs the others).
+    advantage_std: Literal["batch", "task"] = "batch"
     beta: float = Field(1.0, gt=0)  # NFT: distance of the implicit positive/negative policies from v_old
     adv_max: float = Field(5.0, gt=0)  # A_max: advantage clip, and the r mapping's scale
     kl_coef: float = Field(1e-4, ge=0)  # weight of ||v_theta - v_ref||^2, v_ref the policy RL started from

@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -31,6 +35,18 @@ def _kill_session(session_id: int) -> None:
 
 
 @pytest.fixture
-def kill_session():
-    """kill_session(pid of a process started with start_new_session=True): kills its whole session."""
-    return _kill_session
+def killed_when():
+    """killed_when(cli_args, marker): run `posterrl cli_args` in a session of its own, wait until the file
+    `marker` exists, then SIGKILL the whole session (the driver and the Ray cluster it started)."""
+
+    def run(args: list[str], marker: Path, timeout_s: float = 600) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "posterrl.cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout_s
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists() and proc.poll() is None, f"{marker} did not appear while `posterrl {args[0]}` ran"
+        _kill_session(proc.pid)
+        proc.wait()
+
+    return run

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 SMALL = ["data.n_train=2", "data.n_val=1", "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2",
          "rollout.group_size=2", "learner.micro_batch_size=2", "learner.batch_size=4", "logging.progress=false",
          "rl.prompts_per_epoch=6", "rl.batch_size=4", "rl.log_images_every=1", "rl.dump_every=1"]
+EPOCHS = 20  # the swap lands after epoch 1; the CLI needs a few seconds, so most epochs come after it
 
 
 def posterrl(*args, check=True, timeout=900):
@@ -59,7 +60,8 @@ def swapped_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
     scorers = (f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {root / 'rm_a'}}}, "
                "{name: keep, kind: preservation, weight: 0.5}]")
-    overrides = [*SMALL, "stages=[data,rl]", scorers, "rl.epochs=40", "rl.eval_every=20", "rl.checkpoint_every=20"]
+    overrides = [*SMALL, "stages=[data,rl]", scorers, f"rl.epochs={EPOCHS}", "rl.eval_every=10",
+                 "rl.checkpoint_every=10"]
     run = prepare_run(root, overrides)
     proc = subprocess.Popen([sys.executable, "-m", "posterrl.cli", "run", "configs/tiny.yaml", *overrides,
                              "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -100,13 +102,13 @@ def test_policy_versions_increase_every_epoch(swapped_run):
     by_epoch = {}
     for row in rows:
         by_epoch.setdefault(row["epoch"], set()).add(row["policy_version"])
-    assert sorted(by_epoch) == list(range(40))  # dump_every=1: every epoch on disk
+    assert sorted(by_epoch) == list(range(EPOCHS))  # dump_every=1: every epoch on disk
     assert all(by_epoch[e] == {e} for e in by_epoch)  # sync mode: epoch e samples with version e
 
 
 def test_dump_rows_match_the_images_written(swapped_run):
     run, root, _, _ = swapped_run
-    folder = run / "rollouts" / "epoch_0039"
+    folder = run / "rollouts" / f"epoch_{EPOCHS - 1:04d}"
     rows = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
     assert sorted(r["image"] for r in rows) == sorted(p.name for p in folder.glob("*.png"))
     assert len(rows) == 6 * 2 and {r["task"] for r in rows} == set(TASKS)
@@ -135,9 +137,9 @@ def test_tensorboard_has_rollout_scalars_grids_text_and_histograms(swapped_run):
                    "perf/rollout_s", "perf/reward_s", "perf/train_s", "perf/weight_sync_s", "perf/images_per_s",
                    *(f"reward/task/{t}/mean" for t in TASKS)):
         values = [v.value for v in acc.Scalars(scalar)]
-        assert len(values) == 40, scalar
+        assert len(values) == EPOCHS, scalar
         assert all(np.isfinite(values)), scalar
-    assert "eval/task/filling/gold" in tags["scalars"]  # rl.eval_every=20: the epoch-20 evaluation
+    assert "eval/task/filling/gold" in tags["scalars"]  # rl.eval_every=10: the epoch-10 evaluation
     for task in TASKS:
         assert f"rollout/{task}/group0" in tags["images"]
         assert f"rollout/{task}/group0/text_summary" in tags["tensors"]
@@ -145,16 +147,16 @@ def test_tensorboard_has_rollout_scalars_grids_text_and_histograms(swapped_run):
     image = acc.Images(f"rollout/{TASKS[0]}/group0")[-1]
     assert image.width >= 112 * 3  # the input, then K = 2 outputs
     text = acc.Tensors(f"rollout/{TASKS[0]}/group0/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert "bt v2" in text and "policy v39" in text
+    assert "bt v2" in text and f"policy v{EPOCHS - 1}" in text
     eta = [v.value for v in acc.Scalars("rl/eta")]
-    assert eta[0] == 0.0 and eta[-1] == pytest.approx(0.039)  # min(0.001 * update, 0.5)
+    assert eta[0] == 0.0 and eta[-1] == pytest.approx(0.001 * (EPOCHS - 1))  # min(0.001 * update, 0.5)
 
 
 def test_rl_trains_the_policy_and_exports_it(swapped_run):
     run = swapped_run[0]
     summary = json.loads((run / "summary.json").read_text())
     rl = summary["stages"]["rl"]
-    assert [h["epoch"] for h in rl["history"]] == list(range(1, 41))
+    assert [h["epoch"] for h in rl["history"]] == list(range(1, EPOCHS + 1))
     before = EditPolicy.from_pretrained(run / "checkpoints" / "distill").state_dict()
     after = EditPolicy.from_pretrained(run / "checkpoints" / "rl").state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -162,21 +164,14 @@ def test_rl_trains_the_policy_and_exports_it(swapped_run):
     assert (run / "checkpoints" / "deepspeed" / "rl" / "latest.json").is_file()
 
 
-def test_off_policy_run_killed_and_resumed(tmp_path, kill_session):
+def test_off_policy_run_killed_and_resumed(tmp_path, killed_when):
     scorers = "reward.scorers=[{name: keep, kind: preservation}]"
     overrides = [*SMALL, "stages=[data,rl]", scorers, "rl.mode=off_policy", "rl.eval_every=100",
                  "rl.checkpoint_every=2", "rl.epochs=8"]
     run = prepare_run(tmp_path, overrides)
     args = ["run", "configs/tiny.yaml", *overrides, "--run-dir", str(run)]
-    proc = subprocess.Popen([sys.executable, "-m", "posterrl.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run / "checkpoints" / "deepspeed" / "rl" / "latest.json"
-    deadline = time.time() + 600
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert latest.exists() and proc.poll() is None, "no rl checkpoint before the run ended"
-    kill_session(proc.pid)
-    proc.wait()
+    killed_when(args, latest)
     before = {row["epoch"]: row["policy_version"] for row in read_dumps(run)}
     # Epoch e's rollouts were submitted before epoch e-1 trained: version e-1 (epoch 0 has the start policy).
     assert before[0] == 0 and all(before[e] == e - 1 for e in before if e > 0), before

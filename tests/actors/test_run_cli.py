@@ -1,4 +1,4 @@
-"""Smoke test of the real CLI: the whole `posterrl run` pipeline (data -> sft -> distill -> reward -> eval)
+"""Smoke test of the real CLI: the whole `posterrl run` pipeline (data -> sft -> distill -> reward -> rl -> eval)
 at toy length on a real local Ray cluster with real DeepSpeed ranks, then `posterrl sample` on its exports."""
 
 import json
@@ -16,12 +16,13 @@ from posterrl.data.tasks import TASKS
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["stages=[data,sft,distill,reward,eval]", "reward.bt.steps=4", "reward.bt.batch_size=8",
+OVERRIDES = ["stages=[data,sft,distill,reward,rl,eval]", "reward.bt.steps=4", "reward.bt.batch_size=8",
              "reward.bt.eval_every=2", "reward.bt.samples_per_prompt=2", "reward.bt.negative_pairs=true", "data.n_train=3", "data.n_val=2", "data.chunks=2",
              "rollout.eval_per_task=1", "rollout.num_steps=2", "learner.sft_steps=3", "learner.distill_steps=2",
              "learner.eval_every=2", "learner.checkpoint_every=2", "learner.batch_size=4",
-             "learner.micro_batch_size=2", "logging.progress=false"]
-ROWS = ["untrained", "local expert", "global expert", "student"]
+             "learner.micro_batch_size=2", "logging.progress=false", "rl.epochs=2", "rl.prompts_per_epoch=6",
+             "rollout.group_size=2", "rl.batch_size=4"]
+ROWS = ["untrained", "local expert", "global expert", "student", "after RL"]
 
 
 def posterrl(*args, check=True):
@@ -42,7 +43,7 @@ def test_run_directory_layout(run_dir):
     assert load_config(run_dir / "config.yaml") == load_config("configs/tiny.yaml", OVERRIDES)
     assert (run_dir / "checkpoints" / "reward" / "posterrl_reward_model.json").is_file()
     assert (run_dir / "cluster.json").is_file()
-    for export in ("sft/local", "sft/global", "distill", "eval"):
+    for export in ("sft/local", "sft/global", "distill", "rl", "eval"):
         assert (run_dir / "checkpoints" / export / "posterrl_policy.json").is_file()
         assert (run_dir / "checkpoints" / export / "transformer" / "config.json").is_file()
     # DeepSpeed states for resume, the last one complete
@@ -54,7 +55,7 @@ def test_run_directory_layout(run_dir):
 
 def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stages"]) == {"data", "sft", "distill", "reward", "eval"}
+    assert set(summary["stages"]) == {"data", "sft", "distill", "reward", "rl", "eval"}
     assert summary["stages"]["data"]["train"]["per_task"] == {t: 3 for t in TASKS}
     assert summary["stages"]["sft"]["local"]["steps"] == 3
     assert summary["stages"]["distill"]["final"]["learner/distill_loss"] >= 0
@@ -77,10 +78,12 @@ def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    for scalar in ("learner/loss", "learner/lr", "learner/grad_norm", "perf/samples_per_s"):
+    for scalar in ("learner/lr", "perf/samples_per_s"):
         values = acc.Scalars(scalar)
         assert len(values) == 3 + 3 + 2 and all(v.value == v.value for v in values)  # one per step, finite
-    assert [v.step for v in acc.Scalars("learner/loss")] == list(range(1, 9))
+    # sft and distill log every step (1..8); the rl stage logs once per epoch (2 epochs), after the reward stage.
+    steps = [v.step for v in acc.Scalars("learner/loss")]
+    assert steps[:8] == list(range(1, 9)) and len(steps) == 8 + 2 and min(steps[8:]) > 12
     for task in TASKS:
         assert f"eval/task/{task}/gold" in tags["scalars"]
         assert f"eval/{task}" in tags["images"]
@@ -92,7 +95,17 @@ def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     assert len(acc.Scalars("eval/bt/pairwise_accuracy")) == 2
     assert "eval/reward_mean" in tags["scalars"] and f"eval/task/{TASKS[0]}/reward" in tags["scalars"]
     assert acc.Scalars("eval/gold_mean")[0].value == pytest.approx(summary["gold"]["untrained"]["mean"], abs=1e-6)
-    assert acc.Scalars("eval/gold_mean")[-1].value == pytest.approx(summary["gold"]["student"]["mean"], abs=1e-6)
+    assert acc.Scalars("eval/gold_mean")[-1].value == pytest.approx(summary["gold"]["after RL"]["mean"], abs=1e-6)
+
+
+def test_final_table_has_gold_and_learned_reward_for_untrained_student_and_after_rl(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    table = summary["stages"]["eval"]["final_table"]
+    assert list(table) == ["untrained", "student", "after RL"]
+    for label, row in table.items():
+        assert row["gold"] == summary["gold"][label]
+        assert set(row["reward"]) == {*TASKS, "mean"} and all(v == v for v in row["reward"].values())
+    assert summary["stages"]["rl"]["steps"] > 0
 
 
 def test_sample_cli_reproduces_the_runs_evaluation_of_the_student(run_dir, tmp_path):
@@ -135,8 +148,9 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_unavailable_stage_is_refused_before_ray_starts(tmp_path):
-    proc = posterrl("run", "configs/tiny.yaml", "stages=[data,rl]", "--run-dir", str(tmp_path / "r"), check=False)
+def test_unavailable_model_kind_is_refused_before_ray_starts(tmp_path):
+    proc = posterrl("run", "configs/tiny.yaml", "model.kind=flux_kontext", f"model.pretrained_path={tmp_path}",
+                    "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert "stages ['rl'] are not available in this version" in proc.stdout
+    assert "model.kind='flux_kontext' is not available in this version" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

