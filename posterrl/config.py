@@ -364,7 +364,7 @@ class Config(_Section):
             "gradient accumulation steps": lr.batch_size // (lr.num_ranks * lr.micro_batch_size),
             "samples per rollout prompt group": self.rollout.group_size,
             "rl samples per epoch (prompts x group)": self.rl.prompts_per_epoch * self.rollout.group_size,
-            "rl optimizer steps per epoch": self.rl.passes * -(-self.rl.prompts_per_epoch * self.rollout.group_size
+            "rl optimizer steps per epoch (at least)": self.rl.passes * -(-self.rl.prompts_per_epoch * self.rollout.group_size
                                                                  // self.rl.batch_size),
             "rl gradient accumulation steps": self.rl.batch_size // (lr.num_ranks * lr.micro_batch_size),
             "CPUs requested by actors": self.cpus_requested(),
