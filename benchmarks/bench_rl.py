@@ -8,7 +8,7 @@
    sampler in-process on the same model and thread count. Target: at least 0.9.
 3. rl epoch time in sync versus one-step-off-policy mode, on the tiny default's rl sizes.
 
-    python benchmarks/bench_rl.py [--repeats 5] [--epochs 6] [--skip-big]
+    python benchmarks/bench_rl.py [--repeats 5] [--epochs 6] [--skip-big] [--parts 1,2,3]
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--skip-big", action="store_true", help="leave out the 50M-parameter policy")
+    parser.add_argument("--parts", default="1,2,3", help="which measurements to run, e.g. 1 or 1,3")
     args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,30 +126,36 @@ def main() -> None:
         try:
             sizes = [("tiny (1.9M)", [])] + ([] if args.skip_big else [("big (51M)", BIG)])
             sync = {(name, method, m): sync_times(overrides, m, method, args.repeats)
-                    for name, overrides in sizes for method in ("object_store", "broadcast") for m in (1, 2, 4)}
-            actor_ips, bare_ips = rollout_throughput(rows, group_size=4, repeats=args.repeats)
+                    for name, overrides in sizes for method in ("object_store", "broadcast") for m in (1, 2, 4)
+                    if 1 in parts}
+            throughput = rollout_throughput(rows, group_size=4, repeats=args.repeats) if 2 in parts else None
         finally:
             ray.shutdown()
-        epochs = {mode: epoch_times(tmp, mode, args.epochs) for mode in ("sync", "off_policy")}
+        epochs = {mode: epoch_times(tmp, mode, args.epochs) for mode in ("sync", "off_policy") if 3 in parts}
 
-    print("1. weight sync, learner rank 0 -> rollout actors (median seconds per publish)")
-    print(f"{'policy':<14}{'method':<14}{'1 actor':>10}{'2 actors':>10}{'4 actors':>10}{'4 / 1':>8}")
-    report: dict = {"weight_sync_s": {}, "target_4_over_1": 1.5}
-    for name, _ in sizes:
-        for method in ("object_store", "broadcast"):
-            t = [sync[(name, method, m)] for m in (1, 2, 4)]
-            print(f"{name:<14}{method:<14}{t[0]:>10.4f}{t[1]:>10.4f}{t[2]:>10.4f}{t[2] / t[0]:>8.2f}")
-            report["weight_sync_s"][f"{name} {method}"] = t
-    print("   target: 4 actors within 1.5x of one")
-    ratio = actor_ips / bare_ips
-    print(f"2. rollout images/s: one actor {actor_ips:.2f}, bare sampler {bare_ips:.2f}, ratio {ratio:.2f} "
-          f"(target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); 24 prompts ({len(TASKS)} tasks) x K=4")
-    (sync_epoch, sync_total), (off_epoch, off_total) = epochs["sync"], epochs["off_policy"]
-    print(f"3. rl epoch seconds (tiny default sizes, {args.epochs} epochs, first left out): sync {sync_epoch:.2f}, "
-          f"off_policy {off_epoch:.2f} ({sync_epoch / off_epoch:.2f}x); stage wall {sync_total:.1f} s vs "
-          f"{off_total:.1f} s")
-    report.update(rollout_images_per_s={"actor": actor_ips, "bare": bare_ips, "ratio": ratio},
-                  epoch_s={"sync": sync_epoch, "off_policy": off_epoch})
+    report: dict = {}
+    if sync:
+        print("1. weight sync, learner rank 0 -> rollout actors (median seconds per publish)")
+        print(f"{'policy':<14}{'method':<14}{'1 actor':>10}{'2 actors':>10}{'4 actors':>10}{'4 / 1':>8}")
+        report.update(weight_sync_s={}, target_4_over_1=1.5)
+        for name, _ in sizes:
+            for method in ("object_store", "broadcast"):
+                t = [sync[(name, method, m)] for m in (1, 2, 4)]
+                print(f"{name:<14}{method:<14}{t[0]:>10.4f}{t[1]:>10.4f}{t[2]:>10.4f}{t[2] / t[0]:>8.2f}")
+                report["weight_sync_s"][f"{name} {method}"] = t
+        print("   target: 4 actors within 1.5x of one")
+    if throughput:
+        actor_ips, bare_ips = throughput
+        ratio = actor_ips / bare_ips
+        print(f"2. rollout images/s: one actor {actor_ips:.2f}, bare sampler {bare_ips:.2f}, ratio {ratio:.2f} "
+              f"(target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); 24 prompts ({len(TASKS)} tasks) x K=4")
+        report.update(rollout_images_per_s={"actor": actor_ips, "bare": bare_ips, "ratio": ratio})
+    if epochs:
+        (sync_epoch, sync_total), (off_epoch, off_total) = epochs["sync"], epochs["off_policy"]
+        print(f"3. rl epoch seconds (tiny default sizes, {args.epochs} epochs, first left out): sync {sync_epoch:.2f}, "
+              f"off_policy {off_epoch:.2f} ({sync_epoch / off_epoch:.2f}x); stage wall {sync_total:.1f} s vs "
+              f"{off_total:.1f} s")
+        report.update(epoch_s={"sync": sync_epoch, "off_policy": off_epoch})
     print(json.dumps(report))
 
 

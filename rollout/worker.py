@@ -63,14 +63,26 @@ class RolloutWorker:
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
         self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
+        self._shared_weights: dict[str, np.ndarray] | None = None  # object-store arrays the policy uses in place
 
     def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> float:
-        """New weights (tensors, or numpy arrays as the object store hands them out); returns seconds spent."""
+        """New weights; returns seconds spent.
+
+        Tensors are copied into the policy. Numpy arrays (what the object store hands out) are used in
+        place, without a copy: they are read-only views of the shared object, and sampling only reads
+        weights, so M actors on a node share one copy and loading costs the same for any M. The arrays
+        stay referenced until the next load.
+        """
         began = time.perf_counter()
-        with warnings.catch_warnings():
-            # Object-store arrays are read-only views; load_state_dict copies them into the parameters.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self.policy.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+        if all(isinstance(v, np.ndarray) for v in state_dict.values()):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                shared = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+            self.policy.load_state_dict(shared, assign=True)
+            self._shared_weights = state_dict
+        else:
+            self.policy.load_state_dict(state_dict)
+            self._shared_weights = None
         self.policy_version = version
         return time.perf_counter() - began
 

@@ -44,3 +44,19 @@ def test_a_prompt_samples_the_same_in_any_batch(worker, rows):
 def test_worker_needs_exactly_one_source():
     with pytest.raises(ValueError, match="exactly one"):
         RolloutWorker()
+
+
+def test_object_store_arrays_are_used_in_place_and_sample_like_copied_weights(tiny_config, tiny_policy, rows):
+    sampler = SamplerConfig(num_steps=2)
+    copied = RolloutWorker(model=tiny_config.model.model_dump(mode="json"))
+    copied.load_weights(tiny_policy.state_dict(), version=1)
+    arrays = {k: v.numpy().copy() for k, v in tiny_policy.state_dict().items()}
+    for array in arrays.values():
+        array.setflags(write=False)  # as the object store hands them out
+    shared = RolloutWorker(model=tiny_config.model.model_dump(mode="json"))
+    shared.load_weights(arrays, version=1)
+    key = next(iter(arrays))
+    assert shared.policy.state_dict()[key].data_ptr() == arrays[key].ctypes.data  # no copy
+    a = copied.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
+    b = shared.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
+    assert all(torch.equal(x.samples, y.samples) for x, y in zip(a, b))
