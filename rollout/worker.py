@@ -68,21 +68,22 @@ class RolloutWorker:
     def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> float:
         """New weights; returns seconds spent.
 
-        Tensors are copied into the policy. Numpy arrays (what the object store hands out) are used in
-        place, without a copy: they are read-only views of the shared object, and sampling only reads
-        weights, so M actors on a node share one copy and loading costs the same for any M. The arrays
-        stay referenced until the next load.
+        Numpy arrays (what the object store hands out) are used in place, without a copy: they are
+        read-only views of the shared object, and sampling only reads weights, so M actors on a node
+        share one copy and loading costs the same for any M. The arrays stay referenced until the next
+        load. Tensors are cloned. Either way the parameters are replaced, never written into, since the
+        current ones may be read-only.
         """
         began = time.perf_counter()
         if all(isinstance(v, np.ndarray) for v in state_dict.values()):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                shared = {k: torch.from_numpy(v) for k, v in state_dict.items()}
-            self.policy.load_state_dict(shared, assign=True)
+                weights = {k: torch.from_numpy(v) for k, v in state_dict.items()}
             self._shared_weights = state_dict
         else:
-            self.policy.load_state_dict(state_dict)
+            weights = {k: v.detach().clone() for k, v in state_dict.items()}
             self._shared_weights = None
+        self.policy.load_state_dict(weights, assign=True)
         self.policy_version = version
         return time.perf_counter() - began
 
@@ -94,6 +95,8 @@ class RolloutWorker:
     def receive_weights(self, version: int) -> float:
         """Take the weights learner rank 0 broadcasts now (every member calls at once); returns seconds spent."""
         began = time.perf_counter()
+        if self._shared_weights is not None:  # read-only object-store views: receive into writable copies
+            self.load_weights(self.policy.state_dict(), self.policy_version)
         self.weight_group.broadcast(trainable_tensors(self.policy))
         self.policy_version = version
         return time.perf_counter() - began

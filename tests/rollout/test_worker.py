@@ -60,3 +60,9 @@ def test_object_store_arrays_are_used_in_place_and_sample_like_copied_weights(ti
     a = copied.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
     b = shared.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
     assert all(torch.equal(x.samples, y.samples) for x, y in zip(a, b))
+
+    # Tensors after shared arrays: the read-only parameters are replaced, not written into.
+    shared.load_weights(copied.policy.state_dict(), version=2)
+    assert shared.policy.state_dict()[key].data_ptr() != arrays[key].ctypes.data
+    c = shared.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
+    assert all(torch.equal(x.samples, y.samples) for x, y in zip(a, c))
