@@ -34,10 +34,6 @@ class LearnerGroup:
         master_addr, master_port = ray.get(self.ranks[0].free_address.remote())
         ray.get([r.join.remote(master_addr, master_port) for r in self.ranks])
 
-    @property
-    def uses_gpu(self) -> bool:
-        return self.gpus_per_rank > 0
-
     def call(self, method: str, *args, **kwargs) -> list:
         """The same method on every rank, concurrently (collectives need all ranks)."""
         return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])

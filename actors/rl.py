@@ -32,7 +32,7 @@ from posterrl.batch import RlSample
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
-from posterrl.policy import EditPolicy
+from posterrl.policy import SPEC_FILE, EditPolicy
 from reward_server.registry import RewardResult
 from rollout.worker import RolloutGroup
 
@@ -52,7 +52,6 @@ class EpochRollouts:
     results: list[list[RewardResult]]
     rollout_s: float  # submission -> last chunk sampled
     reward_s: float  # last chunk sampled -> last reward in (what scoring adds beyond sampling)
-    sampling_s: float  # summed over the actors' chunks
 
     @property
     def images(self) -> int:
@@ -75,9 +74,9 @@ class Pending:
     def collect(self) -> EpochRollouts:
         ray.wait(self.refs, num_returns=len(self.refs))
         sampled_at = time.perf_counter()
-        chunks = ray.get(self.refs)  # in submission order: (groups, rewards ref, seconds)
-        groups = [g for chunk_groups, _, _ in chunks for g in chunk_groups]
-        flat = [r for rewards in ray.get([ref for _, ref, _ in chunks]) for r in rewards]
+        chunks = ray.get(self.refs)  # in submission order: (groups, rewards ref)
+        groups = [g for chunk_groups, _ in chunks for g in chunk_groups]
+        flat = [r for rewards in ray.get([ref for _, ref in chunks]) for r in rewards]
         reward_s = time.perf_counter() - sampled_at
         results, start = [], 0
         for group in groups:
@@ -85,7 +84,7 @@ class Pending:
             results.append(flat[start : start + k])
             start += k
         return EpochRollouts(self.epoch, self.rows, groups, results, rollout_s=sampled_at - self.submitted,
-                             reward_s=reward_s, sampling_s=sum(s for _, _, s in chunks))
+                             reward_s=reward_s)
 
 
 @dataclass
@@ -216,7 +215,7 @@ class RolloutLog:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for row, group, results in zip(rollouts.rows, rollouts.groups, rollouts.results):
-            images = group.output_images(size=output_size(row, group))  # exactly what was scored
+            images = group.output_images(size=output_size(row, group, row.load_inputs()))  # exactly what was scored
             for k, (image, result) in enumerate(zip(images, results)):
                 name = f"{safe_name(group.prompt_id)}_{k}.png"
                 image.save(folder / name)
@@ -239,7 +238,7 @@ def _train_rows(ctx: PipelineContext) -> list[ManifestRow]:
 def start_policy(ctx: PipelineContext) -> tuple[Path, dict]:
     """The policy RL starts from (and keeps as its KL reference): the run's distilled student."""
     source = ctx.run.stage_checkpoint("distill")
-    if not (source / "posterrl_policy.json").is_file():
+    if not (source / SPEC_FILE).is_file():
         newest = latest_policy_dir(ctx.run)
         if newest is None:
             raise ConfigError(f"rl: {ctx.run.root} has no exported policy to start from (run the distill stage first)")
@@ -265,7 +264,8 @@ def run_rl(ctx: PipelineContext) -> dict[str, Any]:
         if retirement is not None:
             retirement.load(state["retirement"])
         ctx.console.print(f"rl: resumed from {checkpoint_dir} at epoch {start_epoch}")
-    ctx.global_step = base_step + learners.call("current_step")[0]
+    learner_step = learners.call("current_step")[0]  # optimizer steps of the stage (after a resume: so far)
+    ctx.global_step = base_step + learner_step
     log = RolloutLog(ctx)
     base_seed = cfg.rollout.seed + ROLLOUT_SEED_OFFSET
 
@@ -308,7 +308,8 @@ def run_rl(ctx: PipelineContext) -> dict[str, Any]:
             else:
                 sync_s = unresolved.wait() if unresolved is not None else None
                 unresolved = publication
-            ctx.global_step = base_step + learners.call("current_step")[0]
+            learner_step = steps_stats[-1].step if steps_stats else learner_step
+            ctx.global_step = base_step + learner_step
 
             values = log.scalars(rollouts, scored)
             if steps_stats:
@@ -356,7 +357,7 @@ def run_rl(ctx: PipelineContext) -> dict[str, Any]:
     learners.call("save_checkpoint", str(checkpoint_dir), state, cfg.learner.keep_checkpoints)
     export_dir = ctx.run.stage_checkpoint("rl")
     learners.call("export", str(export_dir), True)
-    figures.update(history=history, export=str(export_dir), steps=learners.call("current_step")[0])
+    figures.update(history=history, export=str(export_dir), steps=learner_step)
     return figures
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
 import ray
 import torch
+from PIL import Image
 
 from actors.cluster import threads_for
 from posterrl.config import Config
@@ -17,12 +17,14 @@ from rollout.sampler import SamplerConfig
 from rollout.worker import RolloutGroup, RolloutWorker
 
 
-def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
+def output_size(row: ManifestRow, group: RolloutGroup, inputs: Sequence[Image.Image]) -> tuple[int, int]:
     """(w, h) of the edits as scorers and dumps see them: the target's size when the row has one (as the
-    evaluation scores it), else the output aspect at the first input's long side."""
+    evaluation scores it; read from the file's header, not decoded), else the output aspect at the first
+    input's long side."""
     if row.target is not None:
-        return row.load_target().size
-    long_side = max(row.load_inputs()[0].size)
+        with Image.open(row.target) as target:
+            return target.size
+    long_side = max(inputs[0].size)
     w, h = group.output_aspect
     return (long_side, max(1, round(long_side * h / w))) if w >= h else (max(1, round(long_side * w / h)), long_side)
 
@@ -31,21 +33,18 @@ def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
     """The K samples of a group as the scorers see them: images at the output size, with the row's inputs and meta."""
     inputs = row.load_inputs()
     return [EditSample(row.id, row.task, row.instruction, inputs, image, row.meta)
-            for image in group.output_images(size=output_size(row, group))]
+            for image in group.output_images(size=output_size(row, group, inputs))]
 
 
 class RolloutActor(RolloutWorker):
     """A RolloutWorker that hands each finished chunk straight to the reward server, so scoring overlaps sampling."""
 
     def sample_and_score(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
-                         reward_server, step: int) -> tuple[list[RolloutGroup], ray.ObjectRef, float]:
-        """K samples per row, plus the reward server's answer for all of them (an ObjectRef, group-major order)
-        and the seconds spent sampling."""
-        began = time.perf_counter()
+                         reward_server, step: int) -> tuple[list[RolloutGroup], ray.ObjectRef]:
+        """K samples per row, plus the reward server's answer for all of them (an ObjectRef, group-major order)."""
         groups = self.sample(rows, group_size, base_seed, sampler)
-        sampled_s = time.perf_counter() - began
         edits = [edit for row, group in zip(rows, groups) for edit in edit_samples(row, group)]
-        return groups, reward_server.score.remote(edits, step), sampled_s
+        return groups, reward_server.score.remote(edits, step)
 
 
 class RolloutActorGroup:
@@ -83,7 +82,7 @@ class RolloutActorGroup:
     def submit_scored(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, reward_server, step: int,
                       chunk: int = 4) -> list[ray.ObjectRef]:
         """As `submit`, but each chunk is sent to the reward server by its actor as soon as it is sampled;
-        ref i resolves to (groups, rewards ref, sampling seconds)."""
+        ref i resolves to (groups, rewards ref)."""
         return [self.actors[i % len(self.actors)].sample_and_score.remote(c, group_size, base_seed, self.sampler,
                                                                            reward_server, step)
                 for i, c in enumerate(self._chunks(rows, chunk))]

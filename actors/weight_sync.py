@@ -40,7 +40,7 @@ class WeightSync:
             source = learners.ranks[0]
             addr, port = ray.get(source.free_address.remote())
             world = 1 + len(rollouts.actors)
-            backend = "nccl" if learners.uses_gpu else "gloo"
+            backend = "nccl" if learners.gpus_per_rank > 0 else "gloo"
             ray.get([source.join_weight_broadcast.remote(addr, port, world)]
                     + [a.join_weight_broadcast.remote(addr, port, i + 1, world, backend)
                        for i, a in enumerate(rollouts.actors)])

@@ -159,33 +159,45 @@ class Learner:
 
     # ------------------------------------------------------------------ training
 
-    def _micro_batches(self, rows: Sequence[ManifestRow]) -> list[Sequence[ManifestRow]]:
-        """This rank's share of a global batch, cut into micro batches."""
+    def _micro_batches(self, rows: Sequence) -> list[Sequence]:
+        """This rank's share of a global batch (manifest rows or rl samples), cut into micro batches."""
         share = rows[self.rank :: self.world_size]
         mb = self.config.learner.micro_batch_size
         return [share[i : i + mb] for i in range(0, len(share), mb)]
 
-    def train_step(self, rows: Sequence[ManifestRow], objective: str = "sft") -> StepStats:
-        """One optimizer step on a global batch (all rows share their number of inputs)."""
+    def _optimizer_step(self, batch: Sequence, micro_loss) -> StepStats:
+        """One optimizer step on a global batch: micro_loss(index, micro batch) -> (loss, stats) for each of
+        this rank's micro batches, DeepSpeed accumulating over them; stats averaged over micro batches and ranks."""
         self.engine.train()
+        micro = self._micro_batches(batch)
         totals: dict[str, float] = {}
-        micro = self._micro_batches(rows)
         for index, chunk in enumerate(micro):
-            batch = collate(chunk, self.config.model.resolution)
-            dtype = next(self.policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
-            x0 = batch.targets.to(self.device, dtype)  # (b, 3, R, R)
-            generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
-            x_t, t, eps = draw_flow_inputs(x0, generator)  # (b, 3, R, R), (b,), (b, 3, R, R)
-            ids, mask = self.policy.tokenize(batch.instructions)
-            inputs = batch.inputs.to(self.device, dtype)
-            v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
-            loss, stats = OBJECTIVES[objective](self, v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
+            loss, stats = micro_loss(index, chunk)
             self.engine.backward(loss)
             self.engine.step()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro)
         self.step += 1
-        return self._step_stats(totals, len(rows))
+        return self._step_stats(totals, len(batch))
+
+    def _generator(self, index: int) -> torch.Generator:
+        """Noise and timesteps of micro batch `index` at this step and rank: fixed by (seed, step, rank, index)."""
+        return torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
+
+    def train_step(self, rows: Sequence[ManifestRow], objective: str = "sft") -> StepStats:
+        """One optimizer step on a global batch (all rows share their number of inputs)."""
+
+        def micro_loss(index: int, chunk: Sequence[ManifestRow]):
+            batch = collate(chunk, self.config.model.resolution)
+            dtype = next(self.policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
+            x0 = batch.targets.to(self.device, dtype)  # (b, 3, R, R)
+            x_t, t, eps = draw_flow_inputs(x0, self._generator(index))  # (b, 3, R, R), (b,), (b, 3, R, R)
+            ids, mask = self.policy.tokenize(batch.instructions)
+            inputs = batch.inputs.to(self.device, dtype)
+            v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
+            return OBJECTIVES[objective](self, v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
+
+        return self._optimizer_step(rows, micro_loss)
 
     def _sft_objective(self, v, x0, eps, x_t, t, ids, mask, inputs, tasks):
         return flow_matching_loss(v, x0, eps)
@@ -226,29 +238,20 @@ class Learner:
 
     def train_rl_step(self, samples: Sequence[RlSample]) -> StepStats:
         """One optimizer step of the NFT loss on a global batch of scored rollout samples (one number of inputs)."""
-        self.engine.train()
-        share = samples[self.rank :: self.world_size]
-        mb = self.config.learner.micro_batch_size
-        micro = [share[i : i + mb] for i in range(0, len(share), mb)]
         dtype = next(self.policy.parameters()).dtype
-        totals: dict[str, float] = {}
-        for index, chunk in enumerate(micro):
+
+        def micro_loss(index: int, chunk: Sequence[RlSample]):
             instructions, inputs, x0, r = stack_rl_samples(chunk)  # (b, N, 3, R, R), (b, 3, R, R), (b,)
             x0, inputs, r = x0.to(self.device, dtype), inputs.to(self.device, dtype), r.to(self.device)
-            generator = torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
-            x_t, t, _ = draw_grid_flow_inputs(x0, self.time_grid, generator)  # (b, 3, R, R), (b,)
+            x_t, t, _ = draw_grid_flow_inputs(x0, self.time_grid, self._generator(index))  # (b, 3, R, R), (b,)
             ids, mask = self.policy.tokenize(instructions)
             v = self.engine(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
             with torch.no_grad():
                 v_old = self.sampling_policy(x_t, t, ids, mask, inputs)  # (b, 3, R, R)
                 v_ref = self.reference(x_t, t, ids, mask, inputs) if self.reference is not None else None
-            loss, stats = nft_loss(v, v_old, v_ref, x0, x_t, t, r, self.nft)
-            self.engine.backward(loss)
-            self.engine.step()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value / len(micro)
-        self.step += 1
-        return self._step_stats(totals, len(samples))
+            return nft_loss(v, v_old, v_ref, x0, x_t, t, r, self.nft)
+
+        return self._optimizer_step(samples, micro_loss)
 
     def update_sampling_policy(self) -> float:
         """theta_old <- eta theta_old + (1 - eta) theta after an epoch; returns the eta used."""
@@ -272,8 +275,8 @@ class Learner:
         return self.weight_group.broadcast(trainable_tensors(self.sampling_policy))
 
     def sampling_checksum(self) -> float:
-        with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.sampling_policy.parameters()))
+        """Sum of theta_old's parameters (tests follow the soft update with it)."""
+        return _checksum(self.sampling_policy)
 
     def _step_stats(self, totals: dict[str, float], samples: int) -> StepStats:
         """Average per-rank stats over ranks, so the driver sees the global batch."""
@@ -354,8 +357,7 @@ class Learner:
 
     def parameter_checksum(self) -> float:
         """Sum of all parameters (tests compare it across ranks)."""
-        with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.policy.parameters()))
+        return _checksum(self.policy)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights on CPU (ZeRO-2 keeps whole parameters on every rank)."""
@@ -412,6 +414,11 @@ class Learner:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _checksum(module: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in module.parameters()))
 
 
 # The one place that says which training objectives exist: name -> (learner, v, x0, eps, x_t, t,

@@ -24,7 +24,7 @@ def rollouts(rewards: dict[str, list], tasks: dict[str, str]) -> EpochRollouts:
     rows = [ManifestRow(pid, tasks[pid], "make it", [], None) for pid in rewards]
     groups = [group(pid, tasks[pid], len(r)) for pid, r in rewards.items()]
     results = [[result(x) for x in r] for r in rewards.values()]
-    return EpochRollouts(0, rows, groups, results, 1.0, 0.1, 1.0)
+    return EpochRollouts(0, rows, groups, results, 1.0, 0.1)
 
 
 def test_dropped_rewards_and_lonely_groups_are_not_trained_on():
