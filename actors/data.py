@@ -71,7 +71,11 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
     root = ctx.run.data_dir(ctx.config)
     figures = {"source": "generated", "dir": str(root), "seed": d.seed, "size": d.size}
     # Held-out posters take the indices after the training ones: same generator, disjoint posters.
-    for split, start, n in (("train", 0, d.n_train), ("val", d.n_train, d.n_val)):
+    # Reward-stage posters come after both, so none of them is a training or held-out poster.
+    splits = [("train", 0, d.n_train), ("val", d.n_train, d.n_val)]
+    if d.n_reward:
+        splits.append(("reward", d.n_train + d.n_val, d.n_reward))
+    for split, start, n in splits:
         out = root / split
         if is_generated(out, split, start, n, d.seed, d.size, list(d.tasks)):
             ctx.console.print(f"data: {out} already holds this split, kept")

@@ -54,7 +54,8 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
         raise ConfigError(f"reward: {ctx.run.root} has no exported policy to sample preference pairs from "
                           "(run the distill stage first)")
     tasks = list(cfg.data.tasks)
-    train_rows = [r for r in ctx.rows["train"] if r.task in tasks]
+    # Preference prompts: the training prompts plus the reward-only posters (data.n_reward).
+    train_rows = [r for split in ("train", "reward") for r in ctx.rows.get(split, []) if r.task in tasks]
     val_rows = [r for r in ctx.rows["val"] if r.task in tasks]
 
     began = time.perf_counter()

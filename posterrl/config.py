@@ -34,6 +34,8 @@ class DataConfig(_Section):
     dir: str | None = None  # where generated data goes; default <run_dir>/data
     n_train: int = Field(64, ge=1)  # posters; each yields one sample of every task
     n_val: int = Field(8, ge=1)
+    # Posters whose prompts serve only as preference-pair prompts for the reward stage (generated data only).
+    n_reward: int = Field(0, ge=0)
     seed: int = 0
     size: int = Field(64, ge=32, le=2048)  # long side of a poster, px
     train_manifest: str | None = None  # user data instead of generated posters
@@ -117,6 +119,7 @@ class BradleyTerryConfig(_Section):
     margin: float = Field(0.0, ge=0)  # constant margin: -log sigmoid(r_w - r_l - margin)
     negative_pairs: bool = True  # PosterOmni: the unedited input as the rejected sample
     augment: bool = True  # backbone conv: the same random flip and channel permutation for both sides of a pair
+    difference_channels: bool = False  # backbone conv: also feed output - input, |output - input| and a high-pass
     preference_manifest: str | None = None  # user pairs (JSONL: id, task, instruction, inputs, chosen, rejected, tie)
     eval_every: int = Field(100, ge=1)
 
@@ -250,6 +253,9 @@ class Config(_Section):
         if "data" not in self.stages:
             problems.append(f"stages={self.stages} must start with 'data' (it generates or loads the manifests "
                             "every later stage reads; with data.train_manifest it only loads them)")
+        if self.data.n_reward and self.data.train_manifest:
+            problems.append(f"data.n_reward={self.data.n_reward} generates reward-stage posters, but data.train_manifest "
+                            "is set (user data): use reward.bt.preference_manifest for extra pairs instead")
         lr = self.learner
         per_step = lr.num_ranks * lr.micro_batch_size
         if lr.batch_size % per_step:
@@ -358,6 +364,8 @@ class Config(_Section):
         return {
             "train samples (posters x tasks)": self.data.n_train * n_tasks,
             "held-out samples": self.data.n_val * n_tasks,
+            "reward-stage preference prompts (train + data.n_reward posters, x tasks)":
+                (self.data.n_train + self.data.n_reward) * n_tasks,
             "eval prompts": self.rollout.eval_per_task * n_tasks,
             "image tokens per canvas": tokens_per_image,
             "max sequence (text + output + inputs)": m.text_encoder.max_length + tokens_per_image * (1 + m.max_inputs),

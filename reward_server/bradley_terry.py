@@ -37,7 +37,8 @@ def reward_model_spec(bt: BradleyTerryConfig, seed: int = 0) -> dict:
     """The spec a reward model is built from, taken from the reward.bt config section."""
     spec = {"backbone": bt.backbone, "seed": seed, "tasks": list(TASKS)}
     if bt.backbone == "conv":
-        spec.update(channels=bt.channels, image_size=bt.image_size, max_inputs=MAX_INPUTS)
+        spec.update(channels=bt.channels, image_size=bt.image_size, max_inputs=MAX_INPUTS,
+                    difference_channels=bt.difference_channels)
     else:
         spec.update(vlm_path=bt.vlm_path, lora_rank=bt.lora_rank)
     return spec
@@ -70,8 +71,10 @@ class ConvRewardModel(nn.Module):
         c, self.size = spec["channels"], spec["image_size"]
         self.tasks = list(spec["tasks"])
         features = 4 * c * 4
-        self.output_encoder = _encoder(3, c)
-        self.pair_encoder = _encoder(6, c)
+        # Saved specs from before the option have no key: plain channels.
+        self.difference_channels = bool(spec.get("difference_channels", False))
+        self.output_encoder = _encoder(6 if self.difference_channels else 3, c)
+        self.pair_encoder = _encoder(12 if self.difference_channels else 6, c)
         self.task_embedding = nn.Embedding(len(self.tasks), 32)
         self.head = nn.Sequential(nn.Linear(2 * features + 32, 256), nn.GELU(), nn.Linear(256, 1))
 
@@ -112,8 +115,17 @@ class ConvRewardModel(nn.Module):
     def forward(self, output: torch.Tensor, inputs: torch.Tensor, input_mask: torch.Tensor,
                 task: torch.Tensor) -> torch.Tensor:
         b, m = input_mask.shape
-        f_out = self.output_encoder(output)  # (B, F)
-        stacked = torch.cat([output.unsqueeze(1).expand(-1, m, -1, -1, -1), inputs], dim=2)  # (B, M, 6, S, S)
+        per_input = output.unsqueeze(1).expand(-1, m, -1, -1, -1)  # (B, M, 3, S, S)
+        if self.difference_channels:
+            # What the gold metric measures is a pixel distance, so the network gets differences given rather
+            # than having to learn them from a few thousand pairs; the high-pass shows blockiness and noise.
+            high_pass = output - nn.functional.avg_pool2d(output, 3, 1, 1, count_include_pad=False)  # (B, 3, S, S)
+            f_out = self.output_encoder(torch.cat([output, high_pass], dim=1))  # (B, F)
+            delta = per_input - inputs  # (B, M, 3, S, S)
+            stacked = torch.cat([per_input, inputs, delta, delta.abs()], dim=2)  # (B, M, 12, S, S)
+        else:
+            f_out = self.output_encoder(output)  # (B, F)
+            stacked = torch.cat([per_input, inputs], dim=2)  # (B, M, 6, S, S)
         f_pair = self.pair_encoder(stacked.flatten(0, 1)).view(b, m, -1)  # (B, M, F)
         weights = input_mask / input_mask.sum(1, keepdim=True).clamp(min=1)  # (B, M)
         f_inputs = (f_pair * weights.unsqueeze(-1)).sum(1)  # (B, F) mean over present inputs

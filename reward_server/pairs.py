@@ -49,11 +49,17 @@ def pairs_from_groups(groups: Sequence[tuple[ManifestRow, list[Image.Image]]], n
     return pairs
 
 
+# Gold differences at least this large: pairs whose order a careful rater would see, reported on their own
+# because most pairs of one prompt's samples differ by less (median 0.016 on the tiny default's student).
+CLEAR_MARGIN = 0.01
+
+
 def pairwise_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, float]:
     """Share of pairs the reward model orders like the gold metric (or like the user, for manifest pairs).
 
-    Pairs the gold metric cannot order (equal gold) and ties are left out. Reported overall and per
-    source (policy: two samples of one prompt; negative: a sample against the unedited input).
+    Pairs the gold metric cannot order (equal gold) and ties are left out. Reported overall, per
+    source (policy: two samples of one prompt; negative: a sample against the unedited input), and
+    as `pairwise_accuracy_clear` over the pairs whose gold differs by at least CLEAR_MARGIN.
     """
     diff = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)  # (P,)
     correct: dict[str, list[bool]] = {"all": []}
@@ -66,6 +72,8 @@ def pairwise_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: Seque
         hit = bool(np.sign(d) == truth)
         correct["all"].append(hit)
         correct.setdefault(pair.source, []).append(hit)
+        if pair.gold_margin is not None and abs(pair.gold_margin) >= CLEAR_MARGIN:
+            correct.setdefault("clear", []).append(hit)
     out = {"pairwise_accuracy": float(np.mean(correct["all"])) if correct["all"] else float("nan"),
            "pairs": float(len(correct["all"]))}
     for source, hits in correct.items():

@@ -17,7 +17,8 @@ from posterrl.data.tasks import TASKS
 pytestmark = pytest.mark.integration
 
 OVERRIDES = ["stages=[data,sft,distill,reward,rl,eval]", "reward.bt.steps=4", "reward.bt.batch_size=8",
-             "reward.bt.eval_every=2", "reward.bt.samples_per_prompt=2", "reward.bt.negative_pairs=true", "data.n_train=3", "data.n_val=2", "data.chunks=2",
+             "reward.bt.eval_every=2", "reward.bt.samples_per_prompt=2", "reward.bt.negative_pairs=true",
+             "reward.bt.difference_channels=true", "data.n_reward=1", "data.n_train=3", "data.n_val=2", "data.chunks=2",
              "rollout.eval_per_task=1", "rollout.num_steps=2", "learner.sft_steps=3", "learner.distill_steps=2",
              "learner.eval_every=2", "learner.checkpoint_every=2", "learner.batch_size=4",
              "learner.micro_batch_size=2", "logging.progress=false", "rl.epochs=2", "rl.prompts_per_epoch=6",
@@ -51,6 +52,9 @@ def test_run_directory_layout(run_dir):
         assert (run_dir / "checkpoints" / "deepspeed" / name / "latest.json").is_file()
     train = load_manifest(run_dir / "data" / "train" / "manifest.jsonl", require_target=True)
     assert len(train.rows) == 3 * len(TASKS) and train.skipped == 0
+    reward_rows = load_manifest(run_dir / "data" / "reward" / "manifest.jsonl", require_target=True).rows
+    # the reward-only poster comes after the training and held-out ones
+    assert [r.id for r in reward_rows] == [f"reward-000005-{t}" for t in TASKS]
 
 
 def test_summary_has_stage_figures_and_gold_per_task(run_dir):
@@ -61,8 +65,8 @@ def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     assert summary["stages"]["distill"]["final"]["learner/distill_loss"] >= 0
     assert list(summary["gold"]) == ROWS
     reward = summary["stages"]["reward"]
-    # 3 posters x 6 tasks, K = 2: one policy pair and one negative pair per prompt
-    assert reward["train_pairs"] == {"policy": 18, "negative": 18, "manifest": 0}
+    # (3 training + 1 reward-only posters) x 6 tasks, K = 2: one policy pair and one negative pair per prompt
+    assert reward["train_pairs"] == {"policy": 24, "negative": 24, "manifest": 0}
     assert [h["step"] for h in reward["history"]] == [2, 4]
     assert 0.0 <= reward["held_out"]["pairwise_accuracy"] <= 1.0
     # the final evaluation ran with the reward server up: the learned reward of the same samples

@@ -74,6 +74,8 @@ def test_cross_field_errors_explain_the_keys():
         load_config("configs/tiny.yaml", ["stages=[eval,data]"])
     with pytest.raises(ConfigError, match="needs at least 2"):
         load_config("configs/tiny.yaml", ["stages=[data,rl]", "rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="data.n_reward=10 generates reward-stage posters, but data.train_manifest"):
+        load_config("configs/tiny.yaml", ["data.n_reward=10", "data.train_manifest=x.jsonl"])
 
 
 def test_overrides_apply_with_yaml_types():

@@ -59,9 +59,24 @@ def test_prepare_and_forward_shapes():
     assert out.shape == (6,) and torch.isfinite(out).all()
 
 
-def test_conv_model_learns_to_rank_held_out_pairs():
+def test_difference_channels_change_the_encoders_and_old_specs_load_without_them(tmp_path):
+    spec = reward_model_spec(BradleyTerryConfig(channels=8, image_size=32, difference_channels=True))
+    model = build_reward_model(spec).eval()
+    assert model.output_encoder[0][0].in_channels == 6 and model.pair_encoder[0][0].in_channels == 12
+    samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(0, 0, 32, TASKS)]
+    out = rewards(model, samples)
+    assert out.shape == (6,) and torch.isfinite(out).all()
+    save_reward_model(model, tmp_path / "rm")
+    assert torch.equal(rewards(load_reward_model(tmp_path / "rm").eval(), samples), out)
+    # a model saved before the option existed has no key in its spec: plain channels
+    old_spec = {k: v for k, v in SPEC.items() if k != "difference_channels"}
+    assert build_reward_model(old_spec).pair_encoder[0][0].in_channels == 6
+
+
+@pytest.mark.parametrize("difference_channels", [False, True])
+def test_conv_model_learns_to_rank_held_out_pairs(difference_channels):
     torch.manual_seed(0)
-    model = build_reward_model(SPEC)
+    model = build_reward_model({**SPEC, "difference_channels": difference_channels})
     train, held_out = target_pairs(0, 12, seed=1), target_pairs(100, 4, seed=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
 

@@ -63,3 +63,5 @@ def test_pairwise_accuracy_by_hand():
     assert acc["pairs"] == 4 and acc["pairwise_accuracy"] == 0.5
     assert acc["pairwise_accuracy_policy"] == 0.5 and acc["pairwise_accuracy_negative"] == 0.0
     assert acc["pairwise_accuracy_manifest"] == 1.0
+    # clear pairs (|gold margin| >= 0.01): pairs 0, 1 and 3; the user's pair has no gold margin
+    assert acc["pairwise_accuracy_clear"] == 1 / 3
