@@ -90,12 +90,12 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     grid_rows: dict[str, list] = defaultdict(list)
     edits: list[EditSample] = []
     for row, rollout_group in zip(rows, groups):
-        target = row.load_target()
+        target, inputs = row.load_target(), row.load_inputs()
         output = rollout_group.output_images(size=target.size)[0]
-        edits.append(EditSample(row.id, row.task, row.instruction, row.load_inputs(), output, row.meta))
+        edits.append(EditSample(row.id, row.task, row.instruction, inputs, output, row.meta))
         gold = gold_metric(row.task, output, target, row.meta)
         scores[row.task].append(gold)
-        grid_rows[row.task].append(([*row.load_inputs(), output, target],
+        grid_rows[row.task].append(([*inputs, output, target],
                                     [*(f"input {i}" for i in range(len(row.inputs))), f"out {gold:.2f}", "target"]))
     per_task = {t: float(np.mean(v)) for t, v in scores.items()}
     per_task["mean"] = float(np.mean([per_task[t] for t in scores]))

@@ -11,7 +11,7 @@ import ray
 
 from actors.context import PipelineContext
 from actors.evaluation import latest_policy_dir
-from actors.rollout_group import gather
+from actors.rollout_group import gather, output_size
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.policy import EditPolicy
@@ -36,7 +36,7 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
             _, pending = ray.wait(pending, num_returns=1)
             progress.update(bar, completed=len(refs) - len(pending))
     groups = gather(refs)
-    outputs = [(row, group.output_images(size=row.load_target().size)) for row, group in zip(rows, groups)]
+    outputs = [(row, group.output_images(size=output_size(row, group))) for row, group in zip(rows, groups)]
     return pairs_from_groups(outputs, noise=noise, tie_threshold=bt.tie_threshold if noise else 0.0,
                              negative_pairs=bt.negative_pairs, seed=seed)
 

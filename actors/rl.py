@@ -215,7 +215,7 @@ class RolloutLog:
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for row, group, results in zip(rollouts.rows, rollouts.groups, rollouts.results):
-            images = group.output_images(size=output_size(row, group, row.load_inputs()))  # exactly what was scored
+            images = group.output_images(size=output_size(row, group))  # exactly what was scored
             for k, (image, result) in enumerate(zip(images, results)):
                 name = f"{safe_name(group.prompt_id)}_{k}.png"
                 image.save(folder / name)

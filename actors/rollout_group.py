@@ -17,14 +17,14 @@ from rollout.sampler import SamplerConfig
 from rollout.worker import RolloutGroup, RolloutWorker
 
 
-def output_size(row: ManifestRow, group: RolloutGroup, inputs: Sequence[Image.Image]) -> tuple[int, int]:
+def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
     """(w, h) of the edits as scorers and dumps see them: the target's size when the row has one (as the
-    evaluation scores it; read from the file's header, not decoded), else the output aspect at the first
-    input's long side."""
-    if row.target is not None:
-        with Image.open(row.target) as target:
-            return target.size
-    long_side = max(inputs[0].size)
+    evaluation scores it), else the output aspect at the first input's long side. Sizes come from the
+    files' headers, nothing is decoded."""
+    with Image.open(row.target if row.target is not None else row.inputs[0]) as image:
+        if row.target is not None:
+            return image.size
+        long_side = max(image.size)
     w, h = group.output_aspect
     return (long_side, max(1, round(long_side * h / w))) if w >= h else (max(1, round(long_side * w / h)), long_side)
 
@@ -33,7 +33,7 @@ def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
     """The K samples of a group as the scorers see them: images at the output size, with the row's inputs and meta."""
     inputs = row.load_inputs()
     return [EditSample(row.id, row.task, row.instruction, inputs, image, row.meta)
-            for image in group.output_images(size=output_size(row, group, inputs))]
+            for image in group.output_images(size=output_size(row, group))]
 
 
 class RolloutActor(RolloutWorker):

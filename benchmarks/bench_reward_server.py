@@ -41,7 +41,6 @@ class EchoServer:
 
 def drive(server, samples, clients: int, seconds: float, per_request: int = 1) -> dict[str, float]:
     latencies: list[float] = []
-    samples_done = [0]
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -52,7 +51,6 @@ def drive(server, samples, clients: int, seconds: float, per_request: int = 1) -
             ray.get(server.score.remote(request))
             with lock:
                 latencies.append(time.perf_counter() - began)
-                samples_done[0] += per_request
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     began = time.perf_counter()
@@ -64,7 +62,7 @@ def drive(server, samples, clients: int, seconds: float, per_request: int = 1) -
         thread.join()
     elapsed = time.perf_counter() - began
     described = ray.get(server.describe.remote())
-    return {"samples_per_s": samples_done[0] / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+    return {"samples_per_s": len(latencies) * per_request / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
             "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "mean_batch": described["stats"]["mean_batch_size"], "requests": len(latencies)}
 
@@ -97,12 +95,12 @@ def main() -> None:
                                                    f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {model_dir}}}]"])
         run = RunDir(root / mode.replace(" ", "_")).create(config)
         server = start_reward_server(config, run)
-        drive(server, samples, args.clients, 2.0)  # warm-up: threads, allocator, first batches
+        drive(server, samples, args.clients, 2.0, args.per_request)  # warm-up: threads, allocator, first batches
         results[mode] = drive(server, samples, args.clients, args.seconds, args.per_request)
         ray.kill(server, no_restart=True)
 
     echo = EchoServer.remote()
-    drive(echo, samples, args.clients, 2.0)
+    drive(echo, samples, args.clients, 2.0, args.per_request)
     results["no scoring (ceiling)"] = drive(echo, samples, args.clients, args.seconds, args.per_request)
     ray.kill(echo, no_restart=True)
 
