@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -29,6 +30,7 @@ from reward_server.registry import JOURNAL_FILE, Journal, RegistryError, RewardR
 from reward_server.types import EditSample
 
 NAMESPACE = "posterrl"
+GIL_SWITCH_INTERVAL_S = 0.0002
 CLUSTER_FILE = "cluster.json"  # where a run says which Ray cluster it lives in, for `posterrl reward`
 log = logging.getLogger("posterrl.reward_server")
 
@@ -63,6 +65,9 @@ class RewardServer:
     def __init__(self, config: dict, run_dir: str):
         cfg = Config.model_validate(config)
         torch.set_num_threads(threads_for(cfg.reward.cpus))
+        # The event loop (receiving requests) and the scoring threads share the GIL; at the default 5 ms
+        # switch interval a scorer that gives the GIL up for each torch op can wait 5 ms to get it back.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.run = RunDir(run_dir)
         self.registry = RewardRegistry(probe_samples(cfg, cfg.reward.probe_size),
                                        Journal(self.run.root / JOURNAL_FILE), cfg.reward.request_timeout_s)

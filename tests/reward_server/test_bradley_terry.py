@@ -73,6 +73,27 @@ def test_difference_channels_change_the_encoders_and_old_specs_load_without_them
     assert build_reward_model(old_spec).pair_encoder[0][0].in_channels == 6
 
 
+def test_absent_input_slots_are_skipped_and_change_nothing():
+    model = build_reward_model(SPEC).eval()
+    samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(0, 0, 32, TASKS)]
+    prepared = model.prepare(samples)
+    assert 0 < prepared["input_mask"].sum() < prepared["input_mask"].numel()  # the six tasks mix 1..3 inputs
+    with torch.no_grad():
+        out = model(**prepared)
+        # reference: every present slot encoded one sample at a time, averaged; absent slots never looked at
+        f_out = model.output_encoder(prepared["output"])
+        expected = []
+        for i, sample in enumerate(samples):
+            n = len(sample.inputs)
+            stacked = torch.cat([prepared["output"][i].expand(n, -1, -1, -1), prepared["inputs"][i, :n]], dim=1)
+            f_inputs = model.pair_encoder(stacked).mean(0)
+            features = torch.cat([f_out[i], f_inputs, model.task_embedding(prepared["task"][i])])
+            expected.append(model.head(features).squeeze(-1))
+        torch.testing.assert_close(out, torch.stack(expected), rtol=1e-4, atol=1e-5)
+        prepared["inputs"][prepared["input_mask"] == 0] = float("nan")  # absent slots are never read: NaN stays out
+        torch.testing.assert_close(model(**prepared), out)
+
+
 @pytest.mark.parametrize("difference_channels", [False, True])
 def test_conv_model_learns_to_rank_held_out_pairs(difference_channels):
     torch.manual_seed(0)
@@ -105,6 +126,7 @@ def test_save_load_round_trip_and_scorer(tmp_path):
     samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(1, 0, 32, TASKS)]
     assert torch.equal(rewards(model, samples), rewards(loaded, samples))
     scorer = BradleyTerryScorer(tmp_path / "rm", batch_size=4)
+    assert isinstance(scorer.forward, torch.jit.ScriptModule)  # served traced: batches of 4 and 2 below vs eager
     batch = scorer.score(samples)
     assert batch.scores.dtype == np.float64 and batch.scores.shape == (6,)
     np.testing.assert_allclose(batch.scores, rewards(model, samples).double().numpy(), rtol=1e-6)
