@@ -38,7 +38,7 @@ from learner.bt_loss import bradley_terry_loss  # noqa: E402
 from learner.flow import draw_flow_inputs, draw_grid_flow_inputs  # noqa: E402
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
 from learner.nft import NftHyper, nft_loss, sampling_policy_eta, soft_update
-from posterrl.batch import RlSample, collate, stack_rl_samples
+from posterrl.batch import RlSample, collate, on_device, stack_rl_samples
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
@@ -341,9 +341,7 @@ class Learner:
         return chosen, rejected
 
     def _on_device(self, prepared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # Floating inputs follow the engine's precision (bf16 under DeepSpeed bf16); ids and masks stay integer.
-        dtype = next(self.engine.module.parameters()).dtype
-        return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device) for k, v in prepared.items()}
+        return on_device(prepared, self.device, next(self.engine.module.parameters()).dtype)
 
     def export_reward_model(self, directory: str) -> str:
         if self.rank == 0:

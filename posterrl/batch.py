@@ -30,6 +30,12 @@ class EditBatch:
     output_aspects: list[tuple[float, float]]
 
 
+def on_device(tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors to the device in the model's precision (bf16 under DeepSpeed bf16 or a bf16 scorer);
+    ids, masks held as integers and image grids only move."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+
+
 def output_aspect(row: ManifestRow, inputs: Sequence[Image.Image], target: Image.Image | None) -> tuple[float, float]:
     """The aspect of the image to produce: meta's `target_aspect`, else the target's, else the first input's."""
     if "target_aspect" in row.meta:

@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from posterrl.batch import on_device
 from posterrl.config import BradleyTerryConfig
 from posterrl.data.tasks import TASKS
 from posterrl.images import canvas_tensor
-from reward_server.types import EditSample, PreferencePair, ScoreBatch
+from reward_server.types import EditSample, PreferencePair, ScoreBatch, scorer_device, scorer_dtype
 
 MODEL_SPEC_FILE = "posterrl_reward_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -211,11 +212,11 @@ def _gil_free(model: ConvRewardModel) -> torch.jit.ScriptModule:
     The absent-input indexing in forward traces as data-dependent ops, so any batch size and mix of
     input counts runs through one trace (tests compare it with eager). torch.jit is deprecated but works
     in the pinned torch (2.13); its deprecation and tracer warnings are silenced here for that reason."""
-    m = model.spec["max_inputs"]
-    example = {"output": torch.zeros(2, 3, model.size, model.size),
-               "inputs": torch.zeros(2, m, 3, model.size, model.size),
-               "input_mask": torch.tensor([[1.0] + [0.0] * (m - 1), [1.0] * m]),
-               "task": torch.tensor([0, 1])}
+    m, device = model.spec["max_inputs"], next(model.parameters()).device
+    example = {"output": torch.zeros(2, 3, model.size, model.size, device=device),
+               "inputs": torch.zeros(2, m, 3, model.size, model.size, device=device),
+               "input_mask": torch.tensor([[1.0] + [0.0] * (m - 1), [1.0] * m], device=device),
+               "task": torch.tensor([0, 1], device=device)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -228,18 +229,20 @@ class BradleyTerryScorer:
     kind = "bradley_terry"
     score_range = (-float("inf"), float("inf"))
 
-    def __init__(self, directory: str | Path, batch_size: int = 64):
-        self.model = load_reward_model(directory).eval()
+    def __init__(self, directory: str | Path, batch_size: int = 64, device: torch.device | None = None):
+        self.device = device or scorer_device()
+        model = load_reward_model(directory).eval()
+        # A VLM backbone is served in bf16 on GPU; the small conv model stays float32 everywhere.
+        self.dtype = torch.float32 if isinstance(model, ConvRewardModel) else scorer_dtype(self.device)
+        self.model = model.to(self.device, self.dtype)
         self.batch_size = batch_size
-        self.forward = self.model
-        if isinstance(self.model, ConvRewardModel):
-            self.forward = _gil_free(self.model)
+        self.forward = _gil_free(self.model) if isinstance(self.model, ConvRewardModel) else self.model
         self.fingerprint = hashlib.sha1((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()[:10]
 
     @torch.no_grad()
     def score(self, samples: Sequence[EditSample]) -> ScoreBatch:
         scores = []
         for start in range(0, len(samples), self.batch_size):
-            prepared = self.model.prepare(samples[start : start + self.batch_size])
-            scores.append(self.forward(**prepared).double().numpy())
+            prepared = on_device(self.model.prepare(samples[start : start + self.batch_size]), self.device, self.dtype)
+            scores.append(self.forward(**prepared).double().cpu().numpy())
         return ScoreBatch(np.concatenate(scores) if scores else np.zeros(0), [{} for _ in samples])

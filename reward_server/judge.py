@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reward_server.types import EditSample, ScoreBatch
+from posterrl.batch import on_device
+from reward_server.types import EditSample, ScoreBatch, scorer_device, scorer_dtype
 
 DIGITS = tuple(range(6))
 RUBRICS = {
@@ -104,7 +105,9 @@ class _TransformersBackend:
     def __init__(self, path: str):
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        self.model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        self.device = scorer_device()
+        self.dtype = scorer_dtype(self.device)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
         self.digit_ids = [self.tokenizer.convert_tokens_to_ids(str(d)) for d in DIGITS]
@@ -116,6 +119,7 @@ class _TransformersBackend:
         from reward_server.tiny_vlm import encode_chat
 
         batch = encode_chat(self.tokenizer, self.image_processor, [c for c, _ in chats], [i for _, i in chats])
+        batch = on_device(batch, self.device, self.dtype)
         logits = self.model(**batch).logits[:, -1].float()  # (B, V) the first answer token (left padding)
         digits = torch.log_softmax(logits, dim=-1)[:, self.digit_ids]  # (B, 6)
         return [dict(zip(DIGITS, row.tolist())) for row in digits]

@@ -11,7 +11,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 from PIL import Image
+
+
+def scorer_device() -> torch.device:
+    """Where model scorers run: the GPU Ray gave the reward server (reward.gpus > 0 makes it cuda:0 there;
+    with none Ray hides every GPU), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def scorer_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, as VLMs are served; float32 on CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @dataclass

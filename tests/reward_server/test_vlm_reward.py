@@ -1,14 +1,22 @@
 """The VLM backbone of the Bradley-Terry reward model at tiny size: forward, LoRA, learning, save/load."""
 
+import numpy as np
 import pytest
 import torch
 
 from learner.bt_loss import bradley_terry_loss
 from posterrl.config import BradleyTerryConfig
 from posterrl.data.tasks import TASKS, build_samples
-from reward_server.bradley_terry import build_reward_model, load_reward_model, reward_model_spec, save_reward_model
+from posterrl.batch import on_device
+from reward_server.bradley_terry import (
+    BradleyTerryScorer,
+    build_reward_model,
+    load_reward_model,
+    reward_model_spec,
+    save_reward_model,
+)
 from reward_server.tiny_vlm import build_tiny_qwen2_vl
-from reward_server.types import EditSample
+from reward_server.types import EditSample, scorer_dtype
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +74,20 @@ def test_save_and_load_give_identical_rewards(vlm_dir, tmp_path):
     samples = edits()[:3]
     with torch.no_grad():
         assert torch.allclose(model(**model.prepare(samples)), loaded(**loaded.prepare(samples)))
+
+
+def test_scorer_serves_the_saved_model_and_its_gpu_precision_stays_close(vlm_dir, tmp_path):
+    model = build_reward_model(spec(vlm_dir, 0)).eval()
+    save_reward_model(model, tmp_path / "rm")
+    samples = edits()
+    with torch.no_grad():
+        eager = model(**model.prepare(samples))
+    scorer = BradleyTerryScorer(tmp_path / "rm", batch_size=4, device=torch.device("cpu"))
+    assert scorer.dtype == torch.float32 and scorer_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    np.testing.assert_allclose(scorer.score(samples).scores, eager.double().numpy(), rtol=1e-5, atol=1e-6)
+    # The precision a GPU reward server uses (bf16), run on CPU through the same input cast.
+    low = model.to(torch.bfloat16)
+    with torch.no_grad():
+        rewards = low(**on_device(low.prepare(samples), torch.device("cpu"), torch.bfloat16)).float()
+    spread = float(eager.max() - eager.min())
+    assert torch.isfinite(rewards).all() and float((rewards - eager).abs().max()) < 0.05 * spread + 0.005, (rewards, eager)
