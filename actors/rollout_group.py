@@ -21,10 +21,11 @@ def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
     """(w, h) of the edits as scorers and dumps see them: the target's size when the row has one (as the
     evaluation scores it), else the output aspect at the first input's long side. Sizes come from the
     files' headers, nothing is decoded."""
-    with Image.open(row.target if row.target is not None else row.inputs[0]) as image:
-        if row.target is not None:
-            return image.size
-        long_side = max(image.size)
+    if row.target is not None:
+        with Image.open(row.target) as target:
+            return target.size
+    with Image.open(row.inputs[0]) as first_input:
+        long_side = max(first_input.size)
     w, h = group.output_aspect
     return (long_side, max(1, round(long_side * h / w))) if w >= h else (max(1, round(long_side * w / h)), long_side)
 

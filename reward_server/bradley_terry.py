@@ -232,11 +232,12 @@ class BradleyTerryScorer:
     def __init__(self, directory: str | Path, batch_size: int = 64, device: torch.device | None = None):
         self.device = device or scorer_device()
         model = load_reward_model(directory).eval()
+        conv = isinstance(model, ConvRewardModel)
         # A VLM backbone is served in bf16 on GPU; the small conv model stays float32 everywhere.
-        self.dtype = torch.float32 if isinstance(model, ConvRewardModel) else scorer_dtype(self.device)
+        self.dtype = torch.float32 if conv else scorer_dtype(self.device)
         self.model = model.to(self.device, self.dtype)
         self.batch_size = batch_size
-        self.forward = _gil_free(self.model) if isinstance(self.model, ConvRewardModel) else self.model
+        self.forward = _gil_free(self.model) if conv else self.model
         self.fingerprint = hashlib.sha1((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()[:10]
 
     @torch.no_grad()
