@@ -15,7 +15,7 @@ from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.runlog import RunDir
-from reward_server.bradley_terry import MODEL_SPEC_FILE
+from posterrl.models.reward_model import MODEL_SPEC_FILE
 
 
 @dataclass
@@ -30,6 +30,10 @@ class PipelineContext:
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
     _reward_server: object | None = None  # the named reward-server actor handle
+
+    def train_rows(self) -> list[ManifestRow]:
+        """The training split's rows of the tasks this run trains (data.tasks)."""
+        return [r for r in self.rows["train"] if r.task in self.config.data.tasks]
 
     def reward_available(self) -> bool:
         """A reward server runs, or can start: the reward stage has exported its model, or no scorer needs it."""

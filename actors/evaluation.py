@@ -17,7 +17,7 @@ from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
 from posterrl.policy import SPEC_FILE, EditPolicy
 from posterrl.runlog import RunDir
-from reward_server.types import EditSample
+from posterrl.models.samples import EditSample
 
 
 def latest_policy_dir(run: RunDir) -> Path | None:

@@ -1,8 +1,9 @@
-"""N learner ranks as Ray actors in one placement group, each wrapping `learner.engine.Learner`."""
+"""N learner ranks as Ray actors in one placement group, each wrapping `learner.core.Learner`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import ray
 import torch
@@ -10,10 +11,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import threads_for
-from learner.engine import Learner, StepStats
-from posterrl.batch import RlSample
+from learner.core import Learner, StepStats
 from posterrl.config import Config
-from posterrl.data.manifest import ManifestRow
 
 
 class LearnerGroup:
@@ -38,20 +37,15 @@ class LearnerGroup:
         """The same method on every rank, concurrently (collectives need all ranks)."""
         return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])
 
-    def start_stage(self, stage: str, policy_state: dict[str, torch.Tensor] | None, seed: int) -> int:
-        state_ref = ray.put(policy_state) if policy_state is not None else None
-        return self.call("start_stage", stage, state_ref, seed)[0]
+    def start(self, task: str, seed: int, **inputs: Any) -> int:
+        """Start `task` (learner.tasks.TASKS) on every rank; inputs (weights, experts, pairs) go through the
+        object store once. Returns the number of trainable parameters."""
+        refs = {name: ray.put(value) for name, value in inputs.items()}
+        return self.call("start", task, seed, **refs)[0]
 
-    def set_experts(self, expert_states: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.call("set_experts", ray.put(expert_states))
-
-    def train_step(self, rows: Sequence[ManifestRow], objective: str) -> StepStats:
-        rows_ref = ray.put(list(rows))
-        return self.call("train_step", rows_ref, objective)[0]  # already averaged over ranks
-
-    def train_rl_step(self, samples: Sequence[RlSample]) -> StepStats:
-        samples_ref = ray.put(list(samples))
-        return self.call("train_rl_step", samples_ref)[0]  # already averaged over ranks
+    def train_step(self, batch: Sequence) -> StepStats:
+        """One optimizer step of the running task on a global batch, stats averaged over ranks."""
+        return self.call("train_step", ray.put(list(batch)))[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return ray.get(self.ranks[0].state_dict.remote())

@@ -27,7 +27,7 @@ from posterrl.data.tasks import TASKS, build_samples
 from posterrl.runlog import RunDir
 from reward_server.batching import DynamicBatcher
 from reward_server.registry import JOURNAL_FILE, Journal, RegistryError, RewardRegistry, RewardResult, ScorerSpec
-from reward_server.types import EditSample
+from posterrl.models.samples import EditSample
 
 NAMESPACE = "posterrl"
 GIL_SWITCH_INTERVAL_S = 0.0002

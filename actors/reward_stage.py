@@ -15,10 +15,10 @@ from actors.rollout_group import gather, output_size
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.policy import EditPolicy
-from reward_server.bradley_terry import MODEL_SPEC_FILE, reward_model_spec
+from posterrl.models.reward_model import MODEL_SPEC_FILE, reward_model_spec
 from reward_server.pairs import pairs_from_groups, pairwise_accuracy
 from reward_server.preference_manifest import load_preference_manifest
-from reward_server.types import PreferencePair
+from posterrl.models.samples import PreferencePair
 
 PAIR_SEED_OFFSET = 7919  # pairs are sampled with other noise than evaluation, so they are not its samples
 
@@ -26,7 +26,7 @@ PAIR_SEED_OFFSET = 7919  # pairs are sampled with other noise than evaluation, s
 def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, label: str,
                  seed: int) -> list[PreferencePair]:
     """K samples per prompt from the rollout actors, ranked by the (noisy) gold metric into pairs."""
-    bt = ctx.config.reward.bt
+    bt = ctx.config.reward_model
     refs = ctx.rollout_group().submit(rows, group_size=bt.samples_per_prompt, base_seed=seed)
     with ctx.progress() as progress:
         bar = progress.add_task(f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})",
@@ -42,12 +42,12 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
 
 
 def held_out_accuracy(ctx: PipelineContext, pairs: list[PreferencePair]) -> dict[str, float]:
-    chosen, rejected = ray.get(ctx.learner_group().ranks[0].reward_pair_scores.remote(pairs))
+    chosen, rejected = ray.get(ctx.learner_group().ranks[0].pair_scores.remote(pairs))
     return pairwise_accuracy(np.asarray(chosen), np.asarray(rejected), pairs)
 
 
 def run_reward(ctx: PipelineContext) -> dict[str, Any]:
-    cfg, bt = ctx.config, ctx.config.reward.bt
+    cfg, bt = ctx.config, ctx.config.reward_model
     export_dir = ctx.run.stage_checkpoint("reward")
     policy_dir = latest_policy_dir(ctx.run)
     if policy_dir is None:
@@ -79,11 +79,11 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
     figures["train_pairs"], figures["held_out_pairs"] = counts, len(val_pairs)
     ctx.console.print(f"reward: {len(train_pairs)} training pairs {counts}, {len(val_pairs)} held-out pairs")
     if len(train_pairs) < bt.batch_size:
-        raise ConfigError(f"reward: only {len(train_pairs)} training pairs for reward.bt.batch_size={bt.batch_size}")
+        raise ConfigError(f"reward: only {len(train_pairs)} training pairs for reward_model.batch_size={bt.batch_size}")
 
     learners = ctx.learner_group()
     spec = reward_model_spec(bt)
-    trainable = learners.call("start_reward_stage", spec, ray.put(train_pairs), cfg.learner.seed)[0]
+    trainable = learners.start("reward_model", cfg.learner.seed, spec=spec, pairs=train_pairs)
     figures["trainable_parameters"] = trainable
     rng = np.random.default_rng(cfg.learner.seed)
     order, cursor = rng.permutation(len(train_pairs)), 0
@@ -95,7 +95,7 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
                 order, cursor = rng.permutation(len(train_pairs)), 0
             indices = order[cursor : cursor + bt.batch_size].tolist()
             cursor += bt.batch_size
-            stats = learners.call("train_reward_step", indices)[0]
+            stats = learners.train_step(indices)
             ctx.global_step = base_step + step + 1
             ctx.scalars({"learner/bt/loss": stats.loss, "learner/bt/grad_norm": stats.grad_norm,
                          **{f"learner/bt/{k}": v for k, v in stats.extra.items()}})
@@ -106,7 +106,7 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
                 history.append({"step": step + 1, **accuracy})
                 info += f"  held-out acc {accuracy['pairwise_accuracy']:.3f}"
             progress.update(bar, completed=step + 1, info=info)
-    learners.call("export_reward_model", str(export_dir))
+    learners.call("export", str(export_dir))
     if not (export_dir / MODEL_SPEC_FILE).is_file():
         raise RuntimeError(f"reward: the learner did not export a reward model to {export_dir}")
     figures.update(held_out=history[-1], history=history, steps=bt.steps, export=str(export_dir))

@@ -12,8 +12,8 @@ from PIL import Image
 from actors.cluster import threads_for
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
-from reward_server.types import EditSample
-from rollout.sampler import SamplerConfig
+from posterrl.flow import SamplerConfig
+from posterrl.models.samples import EditSample
 from rollout.worker import RolloutGroup, RolloutWorker
 
 
@@ -57,7 +57,7 @@ class RolloutActorGroup:
                                  num_threads=threads_for(rc.cpus_per_actor))
             for _ in range(rc.num_actors)
         ]
-        self.sampler = SamplerConfig(rc.solver, rc.num_steps, rc.shift)
+        self.sampler = SamplerConfig.from_rollout(rc)
 
     def publish(self, weights: dict[str, torch.Tensor | np.ndarray] | ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
         """Hand new weights to every actor: one object in the object store that every actor reads.

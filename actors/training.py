@@ -9,8 +9,8 @@ from typing import Any
 from actors.context import PipelineContext
 from actors.evaluation import evaluate
 from learner.data import BatchPlan
-from learner.engine import LATEST_FILE
-from posterrl.config import ConfigError
+from posterrl.checkpoints import LATEST_FILE
+from posterrl.config import ConfigError, DistillConfig, SftConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
 from posterrl.policy import SPEC_FILE, EditPolicy
@@ -18,29 +18,27 @@ from posterrl.policy import SPEC_FILE, EditPolicy
 REGIMES = ("local", "global")
 
 
-def _train_rows(ctx: PipelineContext) -> list[ManifestRow]:
-    return [r for r in ctx.rows["train"] if r.task in ctx.config.data.tasks]
-
-
-def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objective: str, steps: int,
-                 init_state: dict | None, export_dir: Path, eval_tasks: list[str]) -> dict[str, Any]:
-    """Train on the learner group for `steps`, evaluating, checkpointing, then exporting to export_dir."""
-    lc = ctx.config.learner
+def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task: str,
+                 stage: SftConfig | DistillConfig, task_inputs: dict[str, Any], export_dir: Path,
+                 eval_tasks: list[str]) -> dict[str, Any]:
+    """Run learner task `task` (started with `task_inputs`) for the stage section's `steps` (its batch size,
+    evaluation and checkpoint intervals too), evaluating, checkpointing, then exporting to export_dir."""
+    lc, steps = ctx.config.learner, stage.steps
     group = ctx.learner_group()
-    group.start_stage(name, init_state, lc.seed)
+    group.start(task, lc.seed, **task_inputs)
     checkpoint_dir = ctx.run.checkpoints / "deepspeed" / name
     start = 0
     if ctx.resume and (checkpoint_dir / LATEST_FILE).is_file():
         start = group.call("load_checkpoint", str(checkpoint_dir))[0]["data_position"]
         ctx.console.print(f"{name}: resumed from {checkpoint_dir} at step {start}")
     base_step = ctx.global_step  # TensorBoard x of this stage's step 0
-    plan = BatchPlan(rows, lc.batch_size, lc.seed)
+    plan = BatchPlan(rows, stage.batch_size, lc.seed)
     last: dict[str, float] = {}
     with ctx.progress() as progress:
         bar = progress.add_task(f"{name}", total=steps, completed=start, info="")
         for step in range(start, steps):
             began = time.perf_counter()
-            stats = group.train_step(plan.batch(step), objective)
+            stats = group.train_step(plan.batch(step))
             ctx.global_step = base_step + step + 1
             elapsed = time.perf_counter() - began
             last = {"learner/loss": stats.loss, "learner/lr": stats.lr, "learner/grad_norm": stats.grad_norm,
@@ -48,9 +46,9 @@ def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objec
                     **{f"learner/{k}": v for k, v in stats.extra.items() if k != "loss"}}
             ctx.scalars(last)
             progress.update(bar, completed=step + 1, info=f"loss {stats.loss:.4f}")
-            if (step + 1) % lc.checkpoint_every == 0 and step + 1 < steps:
+            if (step + 1) % stage.checkpoint_every == 0 and step + 1 < steps:
                 group.call("save_checkpoint", str(checkpoint_dir), {"data_position": step + 1}, lc.keep_checkpoints)
-            if (step + 1) % lc.eval_every == 0 and step + 1 < steps:
+            if (step + 1) % stage.eval_every == 0 and step + 1 < steps:
                 progress.stop()
                 evaluate(ctx, group.state_dict(), f"{name} step {step + 1}", eval_tasks)
                 progress.start()
@@ -63,7 +61,7 @@ def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], objec
 def run_sft(ctx: PipelineContext) -> dict[str, Any]:
     """One expert per regime (local editing, global creation), each from the config's initial weights."""
     cfg = ctx.config
-    rows = _train_rows(ctx)
+    rows = ctx.train_rows()
     if "untrained" not in ctx.run.summary().get("gold", {}):
         untrained = EditPolicy.from_config(cfg.model, cfg.rollout).state_dict()
         evaluate(ctx, untrained, "untrained").record(ctx.run, "untrained")
@@ -78,7 +76,7 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
         regime_tasks = [t for t in cfg.data.tasks if REGIME[t] == regime]
         if not regime_rows:
             raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
-        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.learner.sft_steps, None,
+        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft, {},
                                        export_dir, regime_tasks)
         evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), label)
         evaluation.record(ctx.run, label)
@@ -92,7 +90,7 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
     The frozen experts live on every learner rank beside the student (teacher forwards only, no
     optimizer state), so each rank computes expert velocities for its own shard with no extra
     communication; at real-model scale they would be ZeRO-3 partitioned or served by separate actors.
-    The student starts from learner.distill_init: an expert's weights (default the local one: four of
+    The student starts from distill.init: an expert's weights (default the local one: four of
     the six tasks) or the config's initialisation.
     """
     cfg = ctx.config
@@ -103,10 +101,9 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
             raise ConfigError(f"distill needs the sft experts: {path} has no exported policy (run the sft stage first)")
         experts[regime] = EditPolicy.from_pretrained(path).state_dict()
     export_dir = ctx.run.stage_checkpoint("distill")
-    init = experts[cfg.learner.distill_init] if cfg.learner.distill_init != "config" else None
-    ctx.learner_group().set_experts(experts)
-    figures = train_policy(ctx, "distill", _train_rows(ctx), "distill", cfg.learner.distill_steps, init,
-                           export_dir, list(cfg.data.tasks))
+    init = experts[cfg.distill.init] if cfg.distill.init != "config" else None
+    figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill,
+                           {"expert_states": experts, "init_state": init}, export_dir, list(cfg.data.tasks))
     evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), "student")
     evaluation.record(ctx.run, "student")
     figures["gold"] = evaluation.gold

@@ -35,7 +35,7 @@ from posterrl.policy import EditPolicy
 def bare_loop(config, plan: BatchPlan, steps: int, threads: int) -> float:
     torch.set_num_threads(threads)
     policy = EditPolicy.from_config(config.model).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learner.lr)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft.lr)
 
     def step(index: int) -> None:
         batch = collate(plan.batch(index), config.model.resolution)
@@ -51,18 +51,18 @@ def bare_loop(config, plan: BatchPlan, steps: int, threads: int) -> float:
     start = time.perf_counter()
     for index in range(1, steps + 1):
         step(index)
-    return steps * config.learner.batch_size / (time.perf_counter() - start)
+    return steps * config.sft.batch_size / (time.perf_counter() - start)
 
 
 def learner_group(config, plan: BatchPlan, steps: int) -> float:
     group = LearnerGroup(config)
     try:
-        group.start_stage("bench", None, seed=0)
-        group.train_step(plan.batch(0), "sft")  # warm-up
+        group.start("sft", seed=0)
+        group.train_step(plan.batch(0))  # warm-up
         start = time.perf_counter()
         for index in range(1, steps + 1):
-            group.train_step(plan.batch(index), "sft")
-        return steps * config.learner.batch_size / (time.perf_counter() - start)
+            group.train_step(plan.batch(index))
+        return steps * config.sft.batch_size / (time.perf_counter() - start)
     finally:
         group.shutdown()
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     def config_for(ranks: int):
         return load_config(args.config, [*args.overrides, f"learner.num_ranks={ranks}",
-                                         f"learner.batch_size={args.batch}",
+                                         f"sft.batch_size={args.batch}",
                                          f"learner.micro_batch_size={args.batch // ranks}",
                                          f"learner.cpus_per_rank={args.threads / ranks}", "learner.warmup_steps=0",
                                          "rollout.num_actors=1", "rollout.cpus_per_actor=0",

@@ -24,7 +24,7 @@ import ray
 from actors.reward_server import probe_samples, start_reward_server
 from posterrl.config import load_config
 from posterrl.runlog import RunDir
-from reward_server.bradley_terry import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
 
 
 @ray.remote(num_cpus=1, max_concurrency=1000)
@@ -78,13 +78,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    overrides = [f"reward.bt.channels={args.channels}"] if args.channels else []
-    overrides += [f"reward.bt.image_size={args.image_size}"] if args.image_size else []
+    overrides = [f"reward_model.channels={args.channels}"] if args.channels else []
+    overrides += [f"reward_model.image_size={args.image_size}"] if args.image_size else []
     base = load_config("configs/tiny.yaml", overrides)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench_reward_"))
     model_dir = root / "rm"
-    save_reward_model(build_reward_model(reward_model_spec(base.reward.bt)), model_dir)
+    save_reward_model(build_reward_model(reward_model_spec(base.reward_model)), model_dir)
     samples = probe_samples(base, 16)
 
     modes = {"one at a time": ["reward.max_batch_size=1", "reward.max_wait_ms=0"],
@@ -105,7 +105,7 @@ def main() -> None:
     ray.kill(echo, no_restart=True)
 
     print(f"\nreward server, {args.clients} concurrent clients, {args.per_request}-sample requests, {args.seconds:g} s each, "
-          f"BT conv backbone (channels {base.reward.bt.channels}, canvas {base.reward.bt.image_size})")
+          f"BT conv backbone (channels {base.reward_model.channels}, canvas {base.reward_model.image_size})")
     print(f"{'mode':<22}{'samples/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}")
     for mode, r in results.items():
         print(f"{mode:<22}{r['samples_per_s']:>12.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['mean_batch']:>12.1f}")

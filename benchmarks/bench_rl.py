@@ -47,7 +47,7 @@ def sync_times(model_overrides: list[str], actors: int, method: str, repeats: in
                                                f"rollout.weight_sync={method}", "cluster.num_cpus=4"])
     learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
     try:
-        learners.call("start_rl_stage", ray.put(EditPolicy.from_config(config.model).state_dict()), 0)
+        learners.start("nft", 0, init_state=EditPolicy.from_config(config.model).state_dict())
         sync = WeightSync(learners, rollouts, method)
         sync.publish(0).wait()  # warm-up
         times = []

@@ -22,9 +22,10 @@ import torch
 
 from actors.reward_server import GIL_SWITCH_INTERVAL_S, probe_samples
 from posterrl.config import load_config
-from reward_server.bradley_terry import BradleyTerryScorer, build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.judge import VlmJudge
-from reward_server.tiny_vlm import build_tiny_qwen2_vl
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 
 
 class EagerScorer:
@@ -69,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the reward server's share in the tiny default (reward.cpus < 1)
     config = load_config("configs/tiny.yaml", [])
     root = Path(tempfile.mkdtemp(prefix="bench_contention_"))
-    save_reward_model(build_reward_model(reward_model_spec(config.reward.bt)), root / "rm")
+    save_reward_model(build_reward_model(reward_model_spec(config.reward_model)), root / "rm")
     traced = BradleyTerryScorer(root / "rm")
     scorers = {"BT conv, eager": EagerScorer(traced), "BT conv, traced (served)": traced,
                "VLM judge (tiny Qwen2-VL)": VlmJudge("transformers", str(build_tiny_qwen2_vl(root / "vlm")))}

@@ -1,17 +1,21 @@
-"""Drawing the flow-matching training inputs (DESIGN.md: x_t = (1 - t) x0 + t eps)."""
+"""Drawing the flow-matching training inputs (docs/design.md: x_t = (1 - t) x0 + t eps)."""
 
 from __future__ import annotations
 
 import torch
 
 
+def mix(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps for x0, eps (B, C, H, W) and t (B,)."""
+    tb = t.view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
+    return (1 - tb) * x0 + tb * eps  # (B, C, H, W)
+
+
 def draw_flow_inputs(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x0 (B, C, H, W) -> x_t (B, C, H, W), t (B,) ~ U(0, 1), eps (B, C, H, W) ~ N(0, I); all from `generator`."""
     t = torch.rand(x0.shape[0], generator=generator).to(x0)  # (B,)
     eps = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, H, W)
-    tb = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = (1 - tb) * x0 + tb * eps  # (B, C, H, W)
-    return x_t, t, eps
+    return mix(x0, t, eps), t, eps
 
 
 def draw_grid_flow_inputs(x0: torch.Tensor, grid: torch.Tensor,
@@ -24,6 +28,4 @@ def draw_grid_flow_inputs(x0: torch.Tensor, grid: torch.Tensor,
     index = torch.randint(len(grid), (x0.shape[0],), generator=generator)  # (B,)
     t = grid[index].to(x0)  # (B,)
     eps = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, H, W)
-    tb = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = (1 - tb) * x0 + tb * eps  # (B, C, H, W)
-    return x_t, t, eps
+    return mix(x0, t, eps), t, eps

@@ -75,29 +75,3 @@ def bucket_by_num_inputs(rows: Sequence[ManifestRow], max_batch: int) -> list[li
     for row in rows:
         buckets[len(row.inputs)].append(row)
     return [b[i : i + max_batch] for _, b in sorted(buckets.items()) for i in range(0, len(b), max_batch)]
-
-
-@dataclass
-class RlSample:
-    """One scored rollout sample as the learner trains on it (the NFT stage).
-
-    inputs: (N, 3, R, R) the input canvases the policy was conditioned on, in [-1, 1]
-    x0:     (3, R, R) the clean sample the sampling policy produced, in [-1, 1]
-    r:      optimality probability in [0, 1] (DESIGN.md: from the group-normalised reward)
-    """
-
-    prompt_id: str
-    task: str
-    instruction: str
-    inputs: torch.Tensor
-    x0: torch.Tensor
-    r: float
-
-
-def stack_rl_samples(samples: Sequence[RlSample]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """instructions, inputs (B, N, 3, R, R), x0 (B, 3, R, R), r (B,); every sample must have the same N."""
-    counts = {s.inputs.shape[0] for s in samples}
-    if len(counts) != 1:
-        raise ValueError(f"stack_rl_samples needs samples with one number of inputs, got {sorted(counts)}")
-    return ([s.instruction for s in samples], torch.stack([s.inputs for s in samples]),
-            torch.stack([s.x0 for s in samples]), torch.tensor([s.r for s in samples], dtype=torch.float32))

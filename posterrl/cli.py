@@ -6,19 +6,35 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from posterrl.config import ConfigError, load_config
-from posterrl.data.manifest import ManifestError
-from reward_server.registry import RegistryError
+from posterrl.config import Config, ConfigDeprecationWarning, load_config
+from posterrl.errors import UserError
+from posterrl.names import JUDGE_BACKENDS, SCORER_KINDS, SOLVER_NAMES
 
 console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
 
 
+def load(path: str | Path, overrides: list[str]) -> Config:
+    """load_config, printing once each key that moved (the config was migrated and runs as before)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigDeprecationWarning)
+        try:
+            return load_config(path, overrides)
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, ConfigDeprecationWarning):
+                    console.print(f"[yellow]warning:[/yellow] {escape(str(warning.message))}", highlight=False)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline  # imports ray: only when a run starts
 
@@ -31,7 +47,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     (which keeps data already generated)."""
     stage = "reward" if args.command == "reward" else args.command
     stages = "data,rl,eval" if stage == "rl" else f"data,{stage}"  # rl ends with the held-out evaluation
-    config = load_config(args.config, [*args.overrides, f"stages=[{stages}]"])
+    config = load(args.config, [*args.overrides, f"stages=[{stages}]"])
     run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline
 
@@ -51,7 +67,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    config = load_config(args.config, args.overrides)
+    config = load(args.config, args.overrides)
     console.print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     for key, value in config.derived_sizes().items():
         console.print(f"# {key}: {value}")
@@ -67,7 +83,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 
     unknown = sorted(set(args.tasks or ()) - set(TASKS))
     if unknown:
-        raise ConfigError(f"--tasks {unknown}: expected names from {', '.join(TASKS)}")
+        raise UserError(f"--tasks {unknown}: expected names from {', '.join(TASKS)}")
     manifest = generate_dataset(args.out, n=args.n, seed=args.seed, size=args.size, split=args.split,
                                 tasks=tuple(args.tasks or TASKS))
     console.print(f"wrote {manifest}")
@@ -100,8 +116,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from posterrl.data.gold import gold_metric
     from posterrl.data.manifest import load_manifest, summarize_skips, write_manifest
     from posterrl.data.tasks import build_samples, write_samples
+    from posterrl.flow import SamplerConfig
     from posterrl.images import labelled_grid
-    from rollout.sampler import SamplerConfig
     from rollout.worker import RolloutWorker
 
     worker = RolloutWorker(checkpoint=args.checkpoint)
@@ -152,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the stages of a config in one Ray cluster")
     run.add_argument("config")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 rollout.group_size=8")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4 rollout.group_size=8")
     run.add_argument("--run-dir", type=Path, help="run directory (default runs/<config>-<time>)")
     run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -199,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=4)
     sample.add_argument("--out", required=True)
     sample.add_argument("--steps", type=int, help="ODE steps (default: the checkpoint's)")
-    sample.add_argument("--solver", choices=["euler", "heun"], help="default: the checkpoint's")
+    sample.add_argument("--solver", choices=list(SOLVER_NAMES), help="default: the checkpoint's")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--size", type=int, help="poster size for --task (default: the policy's canvas)")
     sample.set_defaults(func=cmd_sample)
@@ -225,7 +241,7 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=cmd_reward)
         return parser
 
-    kinds, backends = ["bradley_terry", "vlm_judge", "preservation", "ocr_title"], ["transformers", "vllm", "openai"]
+    kinds, backends = list(SCORER_KINDS), list(JUDGE_BACKENDS)
     live("list", "the scorers, weights and versions serving now")
     add = live("add", "load, probe and register a new scorer (weight 0: shadow, scored and logged, not counted)")
     add.add_argument("--name", required=True)
@@ -260,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_model_libraries()
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, RegistryError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
 

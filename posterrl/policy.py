@@ -31,6 +31,7 @@ from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from posterrl.config import ModelConfig, RolloutConfig
+from posterrl.flow import SamplerConfig
 
 SPEC_FILE = "posterrl_policy.json"
 
@@ -47,20 +48,13 @@ def quiet_model_libraries() -> None:
 
 
 @dataclass
-class SamplerDefaults:
-    solver: str = "euler"
-    num_steps: int = 8
-    shift: float = 1.0
-
-
-@dataclass
 class PolicySpec:
     kind: str
     resolution: int  # canvas side R, px
     patch_size: int  # p
     max_text_length: int
     max_inputs: int
-    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the default for sampling this policy
 
     @property
     def tokens_per_image(self) -> int:
@@ -127,7 +121,7 @@ class EditPolicy(nn.Module):
             patch_size=model.patch_size,
             max_text_length=model.text_encoder.max_length,
             max_inputs=model.max_inputs,
-            sampler=SamplerDefaults(rollout.solver, rollout.num_steps, rollout.shift) if rollout else SamplerDefaults(),
+            sampler=SamplerConfig.from_rollout(rollout) if rollout else SamplerConfig(),
         )
         te, tr = model.text_encoder, model.transformer
         with torch.random.fork_rng(devices=[]):
@@ -236,7 +230,7 @@ class EditPolicy(nn.Module):
                 "written under <run_dir>/checkpoints/<stage>/"
             )
         raw = json.loads(spec_path.read_text())
-        spec = PolicySpec(**{**raw, "sampler": SamplerDefaults(**raw["sampler"])})
+        spec = PolicySpec(**{**raw, "sampler": SamplerConfig.from_dict(raw["sampler"])})
         transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
         text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder")
         tokenizer = ByT5Tokenizer.from_pretrained(directory / "tokenizer")

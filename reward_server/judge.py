@@ -1,6 +1,6 @@
 """The VLM judge: a rubric per task, one digit 0..5 as the first answer token, score = expected digit / 5.
 
-As in Edit-R1 / UniWorld-V2 (DESIGN.md, "VLM judge"): the judge reads the input image(s),
+As in Edit-R1 / UniWorld-V2 (docs/design.md, "Formulas"): the judge reads the input image(s),
 the output and the instruction, and the score is the expectation of the digit under the model's
 distribution over the digit tokens at the first answer position, so it is continuous and costs
 one decoding step. Three backends share the prompt (`judge_messages`) and the score
@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from posterrl.batch import on_device
-from reward_server.types import EditSample, ScoreBatch, scorer_device, scorer_dtype
+from posterrl.models.samples import EditSample
+from reward_server.types import ScoreBatch, scorer_device, scorer_dtype
 
 DIGITS = tuple(range(6))
 RUBRICS = {
@@ -116,7 +117,7 @@ class _TransformersBackend:
 
     @torch.no_grad()
     def digit_logprobs(self, chats: Sequence[tuple[list[dict], list[Image.Image]]]) -> list[dict[int, float]]:
-        from reward_server.tiny_vlm import encode_chat
+        from posterrl.models.tiny_vlm import encode_chat
 
         batch = encode_chat(self.tokenizer, self.image_processor, [c for c, _ in chats], [i for _, i in chats])
         batch = on_device(batch, self.device, self.dtype)

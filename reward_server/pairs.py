@@ -15,7 +15,7 @@ from PIL import Image
 
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
-from reward_server.types import PreferencePair
+from posterrl.models.samples import PreferencePair
 
 
 def pairs_from_groups(groups: Sequence[tuple[ManifestRow, list[Image.Image]]], noise: float, tie_threshold: float,

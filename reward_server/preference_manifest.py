@@ -14,7 +14,7 @@ from pathlib import Path
 
 from posterrl.data.manifest import ManifestError, load_rgb
 from posterrl.data.tasks import TASKS
-from reward_server.types import PreferencePair
+from posterrl.models.samples import PreferencePair
 
 REQUIRED = ("id", "task", "instruction", "inputs", "chosen", "rejected")
 

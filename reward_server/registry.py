@@ -22,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from reward_server.types import EditSample, Scorer, ScoreBatch
+from posterrl.errors import UserError
+from posterrl.models.samples import EditSample
+from posterrl.names import SCORER_KINDS
+from reward_server.types import Scorer, ScoreBatch
 
 JOURNAL_FILE = "reward_journal.jsonl"
-KINDS = ("bradley_terry", "vlm_judge", "preservation", "ocr_title")
+KINDS = SCORER_KINDS  # the config's reward.scorers[].kind choices
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A change that cannot be made; the message says why and the registry is unchanged."""
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from posterrl.data.gold import TAU, to_array
-from reward_server.types import EditSample, ScoreBatch
+from posterrl.models.samples import EditSample
+from reward_server.types import ScoreBatch
 
 # Tasks whose input holds pixels the output must keep: extending (the visible crop) and filling
 # (everything outside the mask). The other tasks change the whole canvas by design.

@@ -1,6 +1,6 @@
-"""Deterministic flow-matching ODE sampling: the only place with `@torch.no_grad()`.
+"""Deterministic flow-matching ODE sampling, without gradients (`@torch.no_grad()`).
 
-Convention (DESIGN.md): x_t = (1 - t) x0 + t eps, the policy predicts v = eps - x0, so the ODE
+Convention (docs/design.md): x_t = (1 - t) x0 + t eps, the policy predicts v = eps - x0, so the ODE
 dx/dt = v runs from t = 1 (noise) to t = 0 (image). The time grid is the sigma schedule of
 diffusers' FlowMatchEulerDiscreteScheduler (its `shift` included), so rollouts and the training
 timesteps taken from them agree with what real Flux/Qwen-Image pipelines use. CFG-free.
@@ -14,17 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from posterrl.flow import flow_sigmas
+from posterrl.flow import SamplerConfig, flow_sigmas
 from posterrl.policy import Condition, EditPolicy
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    solver: str = "euler"  # a key of SOLVERS
-    num_steps: int = 8
-    shift: float = 1.0
 
 
 def euler_step(velocity: VelocityFn, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -45,6 +38,7 @@ def heun_step(velocity: VelocityFn, x: torch.Tensor, sigma: float, sigma_next: f
     return x + (sigma_next - sigma) * 0.5 * (v + velocity(x_euler, sigma_next))
 
 
+# One step function per name of posterrl.names.SOLVER_NAMES (the config's rollout.solver choices).
 SOLVERS: dict[str, Callable[[VelocityFn, torch.Tensor, float, float], torch.Tensor]] = {
     "euler": euler_step,
     "heun": heun_step,

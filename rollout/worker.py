@@ -18,10 +18,11 @@ from PIL import Image
 from posterrl.batch import bucket_by_num_inputs, collate
 from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
+from posterrl.flow import SamplerConfig
 from posterrl.images import uncanvas
 from posterrl.policy import EditPolicy, quiet_model_libraries
 from posterrl.weight_sync import BroadcastGroup, trainable_tensors
-from rollout.sampler import SamplerConfig, prompt_seed, sample_groups
+from rollout.sampler import prompt_seed, sample_groups
 
 
 @dataclass

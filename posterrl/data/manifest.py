@@ -17,11 +17,12 @@ from typing import Iterable
 from PIL import Image
 
 from posterrl.data.tasks import TASKS
+from posterrl.errors import UserError
 
 REASONS_SHOWN_IN_ERRORS = 5
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The manifest is missing or has no usable row."""
 
 

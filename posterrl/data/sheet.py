@@ -16,7 +16,7 @@ SAMPLE_GAP = 10  # extra space between two samples of one task
 LABEL_WIDTH = 132
 TARGET_FRAME = (30, 160, 70)
 SHEET_BACKGROUND = (250, 250, 250)
-REGIME_NAMES = {"local": "local editing", "global": "global creation"}  # as DESIGN.md names them
+REGIME_NAMES = {"local": "local editing", "global": "global creation"}  # as docs/design.md names them
 
 
 def task_counts(rows: Iterable[ManifestRow]) -> dict[str, int]:

@@ -24,14 +24,12 @@ from posterrl.data.posters import (
     PosterSpec,
     canvas_size,
     element_boxes,
-    render,
-    render_entity,
-    render_layout_sketch,
     restyle_reference,
     sample_spec,
 )
+from posterrl.data.render import render, render_entity, render_layout_sketch
+from posterrl.names import TASKS  # the task names, defined once (the config's data.tasks too)
 
-TASKS = ("extending", "filling", "rescaling", "identity-driven", "layout-driven", "style-driven")
 REGIME = {"extending": "local", "filling": "local", "rescaling": "local",
           "identity-driven": "local", "layout-driven": "global", "style-driven": "global"}
 RESCALE_ASPECTS = ((1, 1), (4, 3), (16, 9), (9, 16), (3, 4))

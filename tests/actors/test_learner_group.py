@@ -21,18 +21,19 @@ def fixed_batch(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(tiny_config):
-    learner = tiny_config.learner.model_copy(update={
-        "num_ranks": 2, "batch_size": 4, "micro_batch_size": 1, "lr": 2e-3, "warmup_steps": 0})
-    return tiny_config.model_copy(update={"learner": learner})
+    config = tiny_config.model_copy(deep=True)
+    config.learner.num_ranks, config.learner.micro_batch_size, config.learner.warmup_steps = 2, 1, 0
+    config.sft.batch_size, config.sft.lr = 4, 2e-3
+    return config
 
 
 def test_two_ranks_train_resume_and_stay_in_sync(ray_cluster, config, fixed_batch, tmp_path):
     group = LearnerGroup(config)
     try:
-        group.start_stage("sft_test", None, seed=0)
+        group.start("sft", seed=0)
         losses, checksums = [], []
         for step in range(8):
-            stats = group.train_step(fixed_batch, "sft")
+            stats = group.train_step(fixed_batch)
             losses.append(stats.loss)
             assert stats.step == step + 1 and stats.samples == 4
             checksums.append(group.call("parameter_checksum"))
@@ -50,10 +51,10 @@ def test_two_ranks_train_resume_and_stay_in_sync(ray_cluster, config, fixed_batc
 
     resumed = LearnerGroup(config)
     try:
-        resumed.start_stage("sft_test", None, seed=0)
+        resumed.start("sft", seed=0)
         state = resumed.call("load_checkpoint", str(tmp_path / "ck"))
         assert [s["data_position"] for s in state] == [5, 5]
-        again = [resumed.train_step(fixed_batch, "sft").loss for _ in range(3)]
+        again = [resumed.train_step(fixed_batch).loss for _ in range(3)]
         assert again == pytest.approx(losses[5:], rel=1e-5, abs=1e-6)
         assert resumed.call("parameter_checksum")[0] == pytest.approx(checksums[-1][0], rel=1e-6)
     finally:
@@ -63,15 +64,15 @@ def test_two_ranks_train_resume_and_stay_in_sync(ray_cluster, config, fixed_batc
 def test_checkpoints_are_atomic_and_pruned(ray_cluster, config, fixed_batch, tmp_path):
     group = LearnerGroup(config.model_copy(update={"learner": config.learner.model_copy(update={"num_ranks": 1, "micro_batch_size": 4})}))
     try:
-        group.start_stage("prune", None, seed=0)
+        group.start("sft", seed=0)
         for _ in range(3):
-            group.train_step(fixed_batch, "sft")
+            group.train_step(fixed_batch)
             group.call("save_checkpoint", str(tmp_path / "ck"), {"data_position": 0}, 2)
         tags = sorted(p.name for p in (tmp_path / "ck").glob("step_*"))
         assert tags == ["step_0000002", "step_0000003"]
         # A save that died half-way (a tag directory without latest.json pointing at it) is ignored.
         (tmp_path / "ck" / "step_0000009").mkdir()
-        group.train_step(fixed_batch, "sft")
+        group.train_step(fixed_batch)
         state = group.call("load_checkpoint", str(tmp_path / "ck"))[0]
         assert state["step"] == 3
     finally:

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from actors.reward_server import find_reward_server, probe_samples, start_reward_server
 from posterrl.config import load_config
 from posterrl.runlog import RunDir
-from reward_server.bradley_terry import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
 
 pytestmark = pytest.mark.integration
 CLIENTS = 32
@@ -30,7 +30,7 @@ def reward_cli(*args: str) -> subprocess.CompletedProcess:
 def live_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     config = load_config("configs/tiny.yaml", ["stages=[data]", "reward.max_wait_ms=20", "reward.max_batch_size=16"])
-    spec = reward_model_spec(config.reward.bt)
+    spec = reward_model_spec(config.reward_model)
     for name, seed in (("rm_a", 0), ("rm_b", 1)):
         save_reward_model(build_reward_model({**spec, "seed": seed}), root / name)
     corrupt = root / "rm_corrupt"

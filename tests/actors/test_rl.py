@@ -17,15 +17,17 @@ from posterrl.config import load_config
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import TASKS
 from posterrl.policy import EditPolicy
-from reward_server.bradley_terry import BradleyTerryScorer, build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.rules import PreservationScorer
-from reward_server.types import EditSample
+from posterrl.models.samples import EditSample
 
 pytestmark = pytest.mark.integration
 
 SMALL = ["data.n_train=2", "data.n_val=1", "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2",
-         "rollout.group_size=2", "learner.micro_batch_size=2", "learner.batch_size=4", "logging.progress=false",
-         "rl.prompts_per_epoch=6", "rl.batch_size=4", "rl.log_images_every=1", "rl.dump_every=1"]
+         "rollout.group_size=2", "learner.micro_batch_size=2", "sft.batch_size=4", "distill.batch_size=4",
+         "logging.progress=false", "rl.prompts_per_epoch=6", "rl.batch_size=4", "rl.log_images_every=1",
+         "rl.dump_every=1"]
 EPOCHS = 20  # the swap lands after epoch 1; the CLI needs a few seconds, so most epochs come after it
 
 
@@ -42,7 +44,7 @@ def prepare_run(root, overrides):
     """A run directory holding a 'distilled' policy (config init) and two reward models, before RL."""
     config = load_config("configs/tiny.yaml", overrides)
     EditPolicy.from_config(config.model, config.rollout).save_pretrained(root / "run" / "checkpoints" / "distill")
-    spec = reward_model_spec(config.reward.bt)
+    spec = reward_model_spec(config.reward_model)
     for name, seed in (("rm_a", 0), ("rm_b", 1)):
         save_reward_model(build_reward_model({**spec, "seed": seed}), root / name)
     return root / "run"

@@ -4,8 +4,8 @@ import torch
 from actors.rollout_group import RolloutActorGroup, gather
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
+from posterrl.flow import SamplerConfig
 from posterrl.policy import EditPolicy
-from rollout.sampler import SamplerConfig
 from rollout.worker import RolloutWorker
 
 pytestmark = pytest.mark.integration

@@ -16,11 +16,12 @@ from posterrl.data.tasks import TASKS
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["stages=[data,sft,distill,reward,rl,eval]", "reward.bt.steps=4", "reward.bt.batch_size=8",
-             "reward.bt.eval_every=2", "reward.bt.samples_per_prompt=2", "reward.bt.negative_pairs=true",
-             "reward.bt.difference_channels=true", "data.n_reward=1", "data.n_train=3", "data.n_val=2", "data.chunks=2",
-             "rollout.eval_per_task=1", "rollout.num_steps=2", "learner.sft_steps=3", "learner.distill_steps=2",
-             "learner.eval_every=2", "learner.checkpoint_every=2", "learner.batch_size=4",
+OVERRIDES = ["stages=[data,sft,distill,reward,rl,eval]", "reward_model.steps=4", "reward_model.batch_size=8",
+             "reward_model.eval_every=2", "reward_model.samples_per_prompt=2", "reward_model.negative_pairs=true",
+             "reward_model.difference_channels=true", "data.n_reward=1", "data.n_train=3", "data.n_val=2",
+             "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2", "sft.steps=3", "distill.steps=2",
+             "sft.eval_every=2", "distill.eval_every=2", "sft.checkpoint_every=2", "distill.checkpoint_every=2",
+             "sft.batch_size=4", "distill.batch_size=4",
              "learner.micro_batch_size=2", "logging.progress=false", "rl.epochs=2", "rl.prompts_per_epoch=6",
              "rollout.group_size=2", "rl.batch_size=4"]
 ROWS = ["untrained", "local expert", "global expert", "student", "after RL"]
@@ -145,9 +146,9 @@ def test_rerun_without_resume_refuses_and_resume_keeps_data(run_dir):
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):
-    proc = posterrl("run", "configs/tiny.yaml", "learner.lrr=1", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = posterrl("run", "configs/tiny.yaml", "sft.lrr=1", "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert "did you mean 'learner.lr'?" in proc.stdout
+    assert "did you mean 'sft.lr'?" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "r").exists()
 

@@ -10,7 +10,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SMALL = ["data.n_train=2", "data.n_val=1", "data.chunks=1", "rollout.eval_per_task=1", "rollout.num_steps=2",
-         "learner.batch_size=4", "learner.micro_batch_size=2", "learner.eval_every=100", "logging.progress=false"]
+         "sft.batch_size=4", "distill.batch_size=4", "learner.micro_batch_size=2", "sft.eval_every=100",
+         "distill.eval_every=100", "logging.progress=false"]
 
 
 def posterrl(*args):
@@ -19,13 +20,13 @@ def posterrl(*args):
 
 def test_sft_then_distill_as_separate_commands(tmp_path):
     run = tmp_path / "run"
-    proc = posterrl("sft", "configs/tiny.yaml", *SMALL, "learner.sft_steps=2", "--run-dir", str(run))
+    proc = posterrl("sft", "configs/tiny.yaml", *SMALL, "sft.steps=2", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] == ["data", "sft"]
     assert list(summary["gold"]) == ["untrained", "local expert", "global expert"]
 
-    proc = posterrl("distill", "configs/tiny.yaml", *SMALL, "learner.distill_steps=2", "--run-dir", str(run))
+    proc = posterrl("distill", "configs/tiny.yaml", *SMALL, "distill.steps=2", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] == ["data", "sft", "distill"]
@@ -42,7 +43,7 @@ def test_distill_without_experts_says_what_is_missing(tmp_path):
 
 def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, killed_when):
     run = tmp_path / "run"
-    args = ["sft", "configs/tiny.yaml", *SMALL, "learner.sft_steps=16", "learner.checkpoint_every=4",
+    args = ["sft", "configs/tiny.yaml", *SMALL, "sft.steps=16", "sft.checkpoint_every=4",
             "--run-dir", str(run)]
     latest = run / "checkpoints" / "deepspeed" / "sft_local" / "latest.json"
     killed_when(args, latest)

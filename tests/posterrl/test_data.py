@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from posterrl.data.manifest import load_manifest
-from posterrl.data.posters import NEUTRAL_GRAY, STYLE_FAMILIES, canvas_size, render, sample_spec
+from posterrl.data.posters import NEUTRAL_GRAY, STYLE_FAMILIES, canvas_size, sample_spec
+from posterrl.data.render import render
 from posterrl.data.sheet import PADDING, contact_sheet, task_counts
 from posterrl.data.tasks import REGIME, TASKS, build_samples, generate_dataset
 

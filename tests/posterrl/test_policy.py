@@ -59,8 +59,11 @@ def test_init_is_seeded(tiny_config):
 
 def test_saved_policy_reloads_bitwise(tiny_policy, tmp_path):
     tiny_policy.save_pretrained(tmp_path / "policy")
-    assert json.loads((tmp_path / "policy" / SPEC_FILE).read_text())["resolution"] == tiny_policy.spec.resolution
+    spec = json.loads((tmp_path / "policy" / SPEC_FILE).read_text())
+    assert spec["resolution"] == tiny_policy.spec.resolution
+    assert spec["sampler"] == {"solver": "euler", "num_steps": 8, "shift": 1.0}  # the layout earlier versions saved
     reloaded = EditPolicy.from_pretrained(tmp_path / "policy")
+    assert reloaded.spec.sampler == tiny_policy.spec.sampler
     x_t, t, ids, mask, refs = _inputs(tiny_policy)
     with torch.no_grad():
         assert torch.equal(tiny_policy(x_t, t, ids, mask, refs), reloaded(x_t, t, ids, mask, refs))

@@ -4,7 +4,7 @@ import multiprocessing as mp
 
 import torch
 
-from learner.engine import Learner
+from learner.distributed import free_address
 from posterrl.weight_sync import BroadcastGroup, trainable_tensors
 
 
@@ -24,7 +24,7 @@ def _member(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_rank0_weights_reach_every_receiver():
-    world, (_, port) = 3, Learner.free_address()  # what learner rank 0 hosts the group on
+    world, (_, port) = 3, free_address()  # what learner rank 0 hosts the group on
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     members = [ctx.Process(target=_member, args=(rank, world, port, queue)) for rank in range(world)]

@@ -8,21 +8,13 @@ import torch
 from PIL import Image, ImageFilter
 
 from learner.bt_loss import bradley_terry_loss
-from posterrl.config import BradleyTerryConfig
+from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS, build_samples
-from reward_server.bradley_terry import (
-    MODEL_SPEC_FILE,
-    WEIGHTS_FILE,
-    BradleyTerryScorer,
-    build_reward_model,
-    load_reward_model,
-    pair_sides,
-    reward_model_spec,
-    save_reward_model,
-)
-from reward_server.types import EditSample, PreferencePair
+from posterrl.models.reward_model import MODEL_SPEC_FILE, WEIGHTS_FILE, build_reward_model, load_reward_model, pair_sides, reward_model_spec, save_reward_model
+from reward_server.bradley_terry import BradleyTerryScorer
+from posterrl.models.samples import EditSample, PreferencePair
 
-SPEC = reward_model_spec(BradleyTerryConfig(channels=8, image_size=32))
+SPEC = reward_model_spec(RewardModelConfig(channels=8, image_size=32))
 
 
 def degraded(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -60,7 +52,7 @@ def test_prepare_and_forward_shapes():
 
 
 def test_difference_channels_change_the_encoders_and_old_specs_load_without_them(tmp_path):
-    spec = reward_model_spec(BradleyTerryConfig(channels=8, image_size=32, difference_channels=True))
+    spec = reward_model_spec(RewardModelConfig(channels=8, image_size=32, difference_channels=True))
     model = build_reward_model(spec).eval()
     assert model.output_encoder[0][0].in_channels == 6 and model.pair_encoder[0][0].in_channels == 12
     samples = [EditSample(s.id, s.task, s.instruction, s.inputs, s.target) for s in build_samples(0, 0, 32, TASKS)]

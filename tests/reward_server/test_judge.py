@@ -11,8 +11,8 @@ import pytest
 
 from posterrl.data.tasks import TASKS, build_samples
 from reward_server.judge import VlmJudge, expected_digit_score, judge_messages
-from reward_server.tiny_vlm import build_tiny_qwen2_vl
-from reward_server.types import EditSample
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from posterrl.models.samples import EditSample
 
 
 def edits(n_posters=1):

@@ -11,7 +11,8 @@ from PIL import Image
 
 from reward_server.batching import DynamicBatcher
 from reward_server.registry import Journal, RegistryError, RewardRegistry, ScorerSpec
-from reward_server.types import EditSample, ScoreBatch
+from posterrl.models.samples import EditSample
+from reward_server.types import ScoreBatch
 
 
 class ConstantScorer:

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from posterrl.data.posters import canvas_size, render, sample_spec
+from posterrl.data.posters import canvas_size, sample_spec
+from posterrl.data.render import render
 from posterrl.data.tasks import TASKS, build_samples
 from reward_server.rules import NEUTRAL, OcrTitleScorer, PreservationScorer, best_title_match, edit_distance, text_accuracy
-from reward_server.types import EditSample
+from posterrl.models.samples import EditSample
 
 
 def edit(sample, output):

@@ -5,18 +5,14 @@ import pytest
 import torch
 
 from learner.bt_loss import bradley_terry_loss
-from posterrl.config import BradleyTerryConfig
+from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.batch import on_device
-from reward_server.bradley_terry import (
-    BradleyTerryScorer,
-    build_reward_model,
-    load_reward_model,
-    reward_model_spec,
-    save_reward_model,
-)
-from reward_server.tiny_vlm import build_tiny_qwen2_vl
-from reward_server.types import EditSample, scorer_dtype
+from posterrl.models.reward_model import build_reward_model, load_reward_model, reward_model_spec, save_reward_model
+from reward_server.bradley_terry import BradleyTerryScorer
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from posterrl.models.samples import EditSample
+from reward_server.types import scorer_dtype
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +21,7 @@ def vlm_dir(tmp_path_factory):
 
 
 def spec(vlm_dir, lora_rank):
-    return reward_model_spec(BradleyTerryConfig(backbone="vlm", vlm_path=str(vlm_dir), lora_rank=lora_rank))
+    return reward_model_spec(RewardModelConfig(backbone="vlm", vlm_path=str(vlm_dir), lora_rank=lora_rank))
 
 
 def edits(index=0):

@@ -3,7 +3,7 @@ import torch
 
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
-from rollout.sampler import SamplerConfig
+from posterrl.flow import SamplerConfig
 from rollout.worker import RolloutWorker
 
 

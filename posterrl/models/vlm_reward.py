@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from reward_server.tiny_vlm import encode_chat
-from reward_server.types import EditSample
+from posterrl.models.tiny_vlm import encode_chat
+from posterrl.models.samples import EditSample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -74,9 +74,3 @@ class VlmRewardModel(nn.Module):
     def forward(self, **prepared: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(**prepared).last_hidden_state  # (B, T, H)
         return self.head(hidden[:, -1]).squeeze(-1)  # (B,) last real token: rows are left-padded
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapters and head only: what a LoRA reward model needs beside its base VLM (save_reward_model
-        stores the whole state, which is simple and fine at small sizes; at 7B this is what to ship)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}

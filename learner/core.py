@@ -1,0 +1,230 @@
+"""The learner role: one rank of a DeepSpeed data-parallel group, training whatever task a stage starts.
+
+A plain class (no Ray): actors/ starts N of them as Ray actors, tests run one in-process at world
+size 1. The core owns what every stage shares: the process group (joined from explicit coordinates,
+gloo on CPU, NCCL on GPU), the DeepSpeed engine, the one optimizer-step loop, step statistics and
+checkpoints. What is trained and how (model, micro-batch loss, extra state, export) is the task's:
+learner/tasks/, chosen by name in `learner.tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from learner.distributed import deepspeed, deepspeed_config, dist, free_address, join_process_group, warmup_lambda
+from learner.tasks import TASKS, NftTask, RewardModelTask, TaskState, TrainingTask
+from posterrl.checkpoints import LATEST_FILE
+from posterrl.config import Config
+from posterrl.models.samples import PreferencePair
+from posterrl.policy import quiet_model_libraries
+
+TASK_TENSORS_FILE = "task_state.safetensors"  # a task's own tensors (theta_old in the rl stage), rank 0
+T = TypeVar("T")
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, averaged over micro batches and ranks."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    samples: int  # rows, samples or pairs in the global batch
+    extra: dict[str, float]  # the task loss's other statistics
+
+
+class Learner:
+    def __init__(self, config: dict, rank: int, world_size: int, num_threads: int | None = None):
+        quiet_model_libraries()
+        # ZeRO-2 calls a collective that torch marks deprecated; the warning repeats every step.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        self.config = Config.model_validate(config)
+        self.rank, self.world_size = rank, world_size
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        use_gpu = torch.cuda.is_available() and self.config.learner.gpus_per_rank > 0
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.task: TrainingTask | None = None  # set by start(), one per stage
+        self.task_name = ""
+        self.engine: Any = None  # the task's DeepSpeed engine
+        self.scheduler: Any = None
+        self.step, self.seed = 0, 0
+
+    @staticmethod
+    def free_address() -> tuple[str, int]:
+        return free_address()
+
+    def join(self, master_addr: str, master_port: int) -> int:
+        """Join the learner process group before any DeepSpeed engine starts."""
+        return join_process_group(self.rank, self.world_size, master_addr, master_port, self.device)
+
+    # ------------------------------------------------------------------ tasks and steps
+
+    def start(self, task: str, seed: int, **inputs: Any) -> int:
+        """A fresh task (learner.tasks.TASKS[task], given `inputs`) in a fresh DeepSpeed engine; returns the
+        number of trainable parameters."""
+        self.task_name, self.seed, self.step = task, seed, 0
+        self.task = TASKS[task](self.config, self.device, seed, **inputs)
+        model = self.task.build()
+        trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters and head only
+        lc = self.config.learner
+        optimizer = torch.optim.AdamW(trainable, lr=self.task.lr, weight_decay=lc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(lc.warmup_steps))
+        ds_config = deepspeed_config(self.config, self.task.batch_size, self.task.micro_batch_size)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+        return sum(p.numel() for p in trainable)
+
+    def train_step(self, batch: Sequence) -> StepStats:
+        """One optimizer step on a global batch (rows, rl samples or pair indices, as the task takes them):
+        this rank's share, cut into micro batches, DeepSpeed accumulating over them."""
+        task = self._running()
+        self.engine.train()
+        share = batch[self.rank :: self.world_size]
+        micro = [share[i : i + task.micro_batch_size] for i in range(0, len(share), task.micro_batch_size)]
+        totals: dict[str, float] = {}
+        for index, chunk in enumerate(micro):
+            loss, stats = task.micro_loss(self.engine, chunk, self._generator(index))
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro)
+        self.step += 1
+        return self._step_stats(totals, len(batch))
+
+    def _generator(self, index: int) -> torch.Generator:
+        """Noise and timesteps of micro batch `index` at this step and rank: fixed by (seed, step, rank, index)."""
+        return torch.Generator().manual_seed(hash((self.seed, self.step, self.rank, index)) & 0x7FFFFFFF)
+
+    def _step_stats(self, totals: dict[str, float], samples: int) -> StepStats:
+        """Average per-rank stats over ranks, so the driver sees the global batch."""
+        grad_norm = self.engine.get_global_grad_norm()
+        keys = sorted(totals)
+        reduced = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        averaged = {k: float(v) / self.world_size for k, v in zip(keys, reduced, strict=True)}
+        return StepStats(step=self.step, loss=averaged.pop("loss"), grad_norm=float(grad_norm or 0.0),
+                         lr=self.scheduler.get_last_lr()[0], samples=samples, extra=averaged)
+
+    def _running(self) -> TrainingTask:
+        if self.task is None:
+            raise RuntimeError("the learner runs no task: call start() first")
+        return self.task
+
+    def _require(self, kind: type[T]) -> T:
+        """The running task, which must be a `kind` (a method of one stage called in another is a bug)."""
+        if self.task is None or not isinstance(self.task, kind):
+            raise RuntimeError(f"the learner runs task {self.task_name or 'none'!r}, not {kind.__name__}")
+        return self.task
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The module being trained (the policy, or the reward model in the reward stage)."""
+        return self.engine.module
+
+    # ------------------------------------------------------------------ what only some tasks do
+
+    def update_sampling_policy(self) -> float:
+        return self._require(NftTask).update_sampling_policy(self.module)
+
+    def sampling_weights(self) -> dict[str, np.ndarray]:
+        return self._require(NftTask).sampling_weights()
+
+    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int) -> None:
+        self._require(NftTask).join_weight_broadcast(master_addr, master_port, world_size)
+
+    def broadcast_sampling_weights(self) -> int:
+        return self._require(NftTask).broadcast_sampling_weights()
+
+    def sampling_checksum(self) -> float:
+        """Sum of theta_old's parameters (tests follow the soft update with it)."""
+        return _checksum(self._require(NftTask).sampling_policy)
+
+    def pair_scores(self, pairs: list[PreferencePair]) -> tuple[list[float], list[float]]:
+        return self._require(RewardModelTask).pair_scores(self.module, pairs)
+
+    # ------------------------------------------------------------------ state
+
+    def current_step(self) -> int:
+        """Optimizer steps of the current stage (the driver's TensorBoard x axis follows it)."""
+        return self.step
+
+    def parameter_checksum(self) -> float:
+        """Sum of all trained parameters (tests compare it across ranks)."""
+        return _checksum(self.module)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU (ZeRO-2 keeps whole parameters on every rank)."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save_checkpoint(self, directory: str, client_state: dict, keep_last: int = 2) -> str:
+        """DeepSpeed checkpoint under directory/step_N; `latest.json` moves only once every rank is done.
+
+        A crash mid-save leaves latest.json on the previous, complete checkpoint.
+        """
+        task = self._running()
+        root, tag = Path(directory), f"step_{self.step:07d}"
+        task_state = task.state()
+        state = {**client_state, "step": self.step, "task": self.task_name, "seed": self.seed,
+                 "task_state": task_state.info}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, root / tag / f"rng_rank{self.rank}.pt")
+        if task_state.tensors and self.rank == 0:  # the same on every rank
+            save_file(task_state.tensors, str(root / tag / TASK_TENSORS_FILE))
+        dist.barrier()
+        if self.rank == 0:
+            tmp = root / (LATEST_FILE + ".tmp")
+            tmp.write_text(json.dumps({"tag": tag, "step": self.step}))
+            os.replace(tmp, root / LATEST_FILE)
+            tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+            for old in tags[: max(0, len(tags) - keep_last)]:
+                shutil.rmtree(root / old, ignore_errors=True)
+        dist.barrier()
+        return tag
+
+    def load_checkpoint(self, directory: str) -> dict:
+        """Restore the newest complete checkpoint; returns its client state (step, data position...)."""
+        task = self._running()
+        root = Path(directory)
+        tag = json.loads((root / LATEST_FILE).read_text())["tag"]
+        _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
+        rng = torch.load(root / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.step, self.seed = client_state["step"], client_state["seed"]
+        tensors_file = root / tag / TASK_TENSORS_FILE
+        tensors = load_file(str(tensors_file)) if tensors_file.is_file() else {}
+        task.load_state(TaskState(client_state["task_state"], tensors))
+        return client_state
+
+    def export(self, directory: str) -> str:
+        """What the stage hands on, written by rank 0: the trained policy in diffusers layout (in the rl
+        stage theta_old, the policy the rollouts came from), or the reward model."""
+        if self.rank == 0:
+            self._running().export(self.module, directory)
+        dist.barrier()
+        return directory
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _checksum(module: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in module.parameters()))

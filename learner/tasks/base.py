@@ -1,0 +1,73 @@
+"""What every training task gives the learner core, and the policy builder the policy tasks share.
+
+A task is one stage's training: the module it trains, the loss of one micro batch, the state it keeps
+beside the DeepSpeed engine (saved in checkpoints) and what it exports. The core
+(learner/core.py) owns everything else: the process group, the engine, the step loop, checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from posterrl.config import Config
+from posterrl.policy import EditPolicy
+
+Stats = dict[str, float]
+
+
+@dataclass
+class TaskState:
+    """A task's own checkpoint state: JSON-able figures and named tensors (saved as safetensors by rank 0)."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TrainingTask(Protocol):
+    """One stage's training, chosen by name from `learner.tasks.TASKS`."""
+
+    lr: float
+    batch_size: int  # samples (or pairs) per optimizer step, across ranks
+    micro_batch_size: int  # per rank per forward; DeepSpeed accumulates over the rest
+
+    def build(self) -> nn.Module:
+        """The module DeepSpeed trains (its parameters with requires_grad are the optimizer's)."""
+        ...
+
+    def micro_loss(self, engine: Any, chunk: Sequence[Any], generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
+        """(loss, stats) of one micro batch; `engine` is the DeepSpeed engine (forward through it, module
+        at engine.module); `generator` fixes the noise of this (seed, step, rank, micro batch)."""
+        ...
+
+    def state(self) -> TaskState: ...
+
+    def load_state(self, state: TaskState) -> None: ...
+
+    def export(self, module: nn.Module, directory: str) -> None:
+        """What the stage hands on (rank 0 only): a policy in diffusers layout, or a reward model."""
+        ...
+
+
+def build_policy(config: Config, state: dict[str, torch.Tensor] | None) -> EditPolicy:
+    """The edit policy from config, with `state` loaded when given."""
+    policy = EditPolicy.from_config(config.model, config.rollout)
+    if state is not None:
+        policy.load_state_dict(state)
+    return policy
+
+
+def frozen_policy(config: Config, state: dict[str, torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> EditPolicy:
+    """A policy that only runs forwards (teachers, theta_old, the reference): eval mode, no gradients."""
+    return build_policy(config, state).to(device, dtype).eval().requires_grad_(False)
+
+
+def export_policy(policy: nn.Module, directory: str) -> None:
+    assert isinstance(policy, EditPolicy)
+    policy.save_pretrained(Path(directory))

@@ -1,0 +1,105 @@
+"""Supervised training of the edit policy: `sft` (flow matching, one expert per regime) and `distill`
+(one student from both experts, PosterOmni)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from learner.distributed import train_dtype
+from learner.flow import draw_flow_inputs
+from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
+from learner.tasks.base import Stats, TaskState, build_policy, export_policy, frozen_policy
+from posterrl.batch import collate
+from posterrl.config import Config
+from posterrl.data.manifest import ManifestRow
+from posterrl.data.tasks import REGIME
+from posterrl.policy import EditPolicy
+
+
+@dataclass
+class FlowForward:
+    """The policy's velocity on one micro batch of B rows and what it was computed from."""
+
+    v: torch.Tensor  # (B, 3, R, R) predicted velocity
+    x0: torch.Tensor  # (B, 3, R, R) targets
+    eps: torch.Tensor  # (B, 3, R, R) noise
+    x_t: torch.Tensor  # (B, 3, R, R)
+    t: torch.Tensor  # (B,)
+    ids: torch.Tensor  # (B, L) instruction tokens
+    mask: torch.Tensor  # (B, L)
+    inputs: torch.Tensor  # (B, N, 3, R, R) input canvases
+    tasks: list[str]
+
+
+def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
+                 generator: torch.Generator) -> FlowForward:
+    """Collate rows, draw (t, eps), run the policy through the engine."""
+    policy: EditPolicy = engine.module
+    batch = collate(rows, resolution)
+    assert batch.targets is not None, "training rows need targets"
+    dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
+    x0 = batch.targets.to(device, dtype)  # (B, 3, R, R)
+    x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, 3, R, R), (B,), (B, 3, R, R)
+    ids, mask = policy.tokenize(batch.instructions)
+    inputs = batch.inputs.to(device, dtype)  # (B, N, 3, R, R)
+    v = engine(x_t, t, ids, mask, inputs)  # (B, 3, R, R)
+    return FlowForward(v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
+
+
+class SftTask:
+    """Flow matching on manifest rows (inputs, instruction, target): one expert per regime."""
+
+    def __init__(self, config: Config, device: torch.device, seed: int,
+                 init_state: dict[str, torch.Tensor] | None = None):
+        self.config, self.device, self.init_state = config, device, init_state
+        self.lr, self.batch_size = config.sft.lr, config.sft.batch_size
+        self.micro_batch_size = config.learner.micro_batch_size
+
+    def build(self) -> nn.Module:
+        return build_policy(self.config, self.init_state)
+
+    def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
+                   generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
+        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
+        return flow_matching_loss(f.v, f.x0, f.eps)
+
+    def state(self) -> TaskState:
+        return TaskState()
+
+    def load_state(self, state: TaskState) -> None:
+        pass
+
+    def export(self, module: nn.Module, directory: str) -> None:
+        export_policy(module, directory)
+
+
+class DistillTask(SftTask):
+    """Task distillation (PosterOmni): flow matching plus lambda_E ||v_student - v_expert||^2.
+
+    The frozen experts, one per regime, live on every rank beside the student (teacher forwards only,
+    no optimizer state), so each rank computes expert velocities for its own shard with no extra
+    communication; at real-model scale they would be ZeRO-3 partitioned or served by separate actors.
+    """
+
+    def __init__(self, config: Config, device: torch.device, seed: int,
+                 expert_states: dict[str, dict[str, torch.Tensor]],
+                 init_state: dict[str, torch.Tensor] | None = None):
+        super().__init__(config, device, seed, init_state)
+        self.lr, self.batch_size = config.distill.lr, config.distill.batch_size
+        self.experts = {regime: frozen_policy(config, state, device, train_dtype(config))
+                        for regime, state in expert_states.items()}
+
+    def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
+                   generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
+        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
+        with torch.no_grad():
+            is_global = torch.tensor([REGIME[task] == "global" for task in f.tasks], device=self.device)  # (B,)
+            v_local = self.experts["local"](f.x_t, f.t, f.ids, f.mask, f.inputs)  # (B, 3, R, R)
+            v_global = self.experts["global"](f.x_t, f.t, f.ids, f.mask, f.inputs)  # (B, 3, R, R)
+        v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (B, 3, R, R)
+        return distillation_loss(f.v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert)

@@ -1,0 +1,254 @@
+"""The run configuration's schema: one pydantic section per role, and `Config`, the whole file.
+
+Field checks (ranges, choices) live beside each field; checks that span keys are the per-section
+validators of posterrl/config/validate.py, which `Config` runs once every section has parsed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from posterrl.config import validate
+from posterrl.names import JudgeBackend, ModelKind, ScorerKind, SolverName, StageName, TaskName
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _all_tasks() -> list[TaskName]:
+    return list(get_args(TaskName))  # posterrl.names.TASKS, typed as the field is
+
+
+def _default_stages() -> list[StageName]:
+    return ["data", "eval"]
+
+
+class DataConfig(_Section):
+    dir: str | None = None  # where generated data goes; default <run_dir>/data
+    n_train: int = Field(64, ge=1)  # posters; each yields one sample of every task
+    n_val: int = Field(8, ge=1)
+    # Posters whose prompts serve only as preference-pair prompts for the reward stage (generated data only).
+    n_reward: int = Field(0, ge=0)
+    seed: int = 0
+    size: int = Field(64, ge=32, le=2048)  # long side of a poster, px
+    train_manifest: str | None = None  # user data instead of generated posters
+    val_manifest: str | None = None
+    tasks: list[TaskName] = Field(default_factory=_all_tasks, min_length=1)
+    chunks: int = Field(4, ge=1)  # parallel generation tasks on the cluster
+
+
+class TransformerConfig(_Section):
+    num_layers: int = Field(2, ge=1)  # double-stream (text+image) blocks
+    num_single_layers: int = Field(2, ge=0)
+    attention_head_dim: int = Field(32, ge=4)
+    num_attention_heads: int = Field(4, ge=1)
+    axes_dims_rope: list[int] = Field(default_factory=lambda: [8, 12, 12], min_length=3, max_length=3)
+
+
+class TextEncoderConfig(_Section):
+    d_model: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    d_ff: int = Field(128, ge=8)
+    max_length: int = Field(96, ge=8)  # bytes of instruction kept
+
+
+class ModelConfig(_Section):
+    kind: ModelKind = "tiny_flux"
+    pretrained_path: str | None = None  # local directory for real models; nothing is downloaded
+    resolution: int = Field(64, ge=16)  # square canvas the policy works on, px
+    patch_size: int = Field(4, ge=1)
+    max_inputs: int = Field(3, ge=1)  # reference images per sample
+    seed: int = 0  # initialisation of a policy built from config
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+
+
+class RolloutConfig(_Section):
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    group_size: int = Field(4, ge=1)  # K samples per prompt
+    solver: SolverName = "euler"
+    num_steps: int = Field(8, ge=1)
+    shift: float = Field(1.0, gt=0)  # timestep shift of FlowMatchEulerDiscreteScheduler
+    seed: int = 0
+    eval_per_task: int = Field(4, ge=1)  # held-out prompts per task in an evaluation
+    # How the rl stage's weights reach the actors: one object in the Ray object store that every actor
+    # reads (CPU default), or a broadcast from learner rank 0 on a process group of its own (NCCL on GPU).
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+
+
+class ScorerConfig(_Section):
+    name: str  # the key in the registry, in metric names (reward/<name>/...) and in the CLI
+    kind: ScorerKind
+    weight: float = 1.0  # 0 runs the scorer in shadow: scored and logged, not counted
+    # bradley_terry: a saved reward model (null: the one the reward stage trains);
+    # vlm_judge: a local Qwen2-VL / Qwen2.5-VL directory, or the served model's name for backend openai.
+    path: str | None = None
+    backend: JudgeBackend | None = None  # vlm_judge only
+    url: str | None = None  # vlm_judge with backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1
+
+
+class RewardConfig(_Section):
+    """The run's reward server: which scorers it serves and how it batches them."""
+
+    scorers: list[ScorerConfig] = Field(default_factory=list)
+    cpus: float = Field(0.25, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(32, ge=1)  # samples scored together by dynamic batching
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits to fill up
+    request_timeout_s: float = Field(120.0, gt=0)  # a scorer slower than this is counted as failed for the batch
+    probe_size: int = Field(4, ge=1)  # samples a new scorer must score before it goes live
+
+
+class RewardModelConfig(_Section):
+    """The `reward` stage: a Bradley-Terry reward model trained on preference pairs in the cluster."""
+
+    backbone: Literal["conv", "vlm"] = "conv"  # conv: small vision network; vlm: Qwen2-VL class + MLP head
+    vlm_path: str | None = None  # backbone vlm: a local Qwen2-VL / Qwen2.5-VL directory
+    lora_rank: int = Field(0, ge=0)  # backbone vlm: 0 trains the whole backbone
+    channels: int = Field(32, ge=4)  # backbone conv: width of the first stage
+    image_size: int = Field(32, ge=16)  # backbone conv: square canvas the images are letterboxed into
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)  # pairs per optimizer step, across ranks
+    lr: float = Field(1e-3, gt=0)
+    samples_per_prompt: int = Field(4, ge=2)  # policy samples per training prompt, ranked into pairs
+    annotator_noise: float = Field(0.01, ge=0)  # std of Gaussian noise added to the gold metric before ranking
+    tie_threshold: float = Field(0.0, ge=0)  # |noisy gold difference| below this is a tie
+    ties: Literal["skip", "rao_kupper"] = "skip"  # drop ties, or fit them with Rao-Kupper BT-with-ties
+    tie_theta: float = Field(1.5, gt=1.0)  # Rao-Kupper threshold parameter (theta > 1)
+    margin: float = Field(0.0, ge=0)  # constant margin: -log sigmoid(r_w - r_l - margin)
+    negative_pairs: bool = True  # PosterOmni: the unedited input as the rejected sample
+    augment: bool = True  # backbone conv: the same random flip and channel permutation for both sides of a pair
+    difference_channels: bool = False  # backbone conv: also feed output - input, |output - input| and a high-pass
+    preference_manifest: str | None = None  # user pairs (JSONL: id, task, instruction, inputs, chosen, rejected, tie)
+    eval_every: int = Field(100, ge=1)
+
+
+class SftConfig(_Section):
+    """The `sft` stage: one expert per regime (local editing, global creation), flow matching on data."""
+
+    steps: int = Field(200, ge=1)  # per expert
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)  # global, across ranks and accumulation (micro batches: learner.*)
+    eval_every: int = Field(100, ge=1)  # steps between held-out gold evaluations
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints (resume with --resume)
+
+
+class DistillConfig(_Section):
+    """The `distill` stage: one student from both sft experts (PosterOmni task distillation)."""
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)  # global, across ranks and accumulation (micro batches: learner.*)
+    lambda_expert: float = Field(1.0, ge=0)  # weight of ||v_student - v_expert||^2 (PosterOmni: 1)
+    init: Literal["config", "local", "global"] = "local"  # the student's starting weights
+    eval_every: int = Field(100, ge=1)  # steps between held-out gold evaluations
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints (resume with --resume)
+
+
+class RlConfig(_Section):
+    """The `rl` stage: DiffusionNFT on the policy's own rollouts (DESIGN.md has the formulas)."""
+
+    epochs: int = Field(30, ge=1)  # sample -> score -> train -> publish rounds
+    prompts_per_epoch: int = Field(16, ge=1)  # prompt groups per epoch, each with rollout.group_size samples
+    mode: Literal["sync", "off_policy"] = "sync"  # off_policy: epoch e+1's rollouts run while epoch e trains
+    max_staleness: int = Field(1, ge=1)  # off_policy: rollouts may come from a policy this many updates old
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, ge=1)  # samples per optimizer step, across ranks (micro batches: learner.*)
+    passes: int = Field(1, ge=1)  # passes over an epoch's samples
+    # The std advantages are divided by: over the whole batch (DiffusionNFT's "global std"), or over the
+    # batch's samples of the same task (one scale per task, so no task's reward range outweighs the others).
+    advantage_std: Literal["batch", "task"] = "batch"
+    beta: float = Field(1.0, gt=0)  # NFT: distance of the implicit positive/negative policies from v_old
+    adv_max: float = Field(5.0, gt=0)  # A_max: advantage clip, and the r mapping's scale
+    kl_coef: float = Field(1e-4, ge=0)  # weight of ||v_theta - v_ref||^2, v_ref the policy RL started from
+    eta_rate: float = Field(0.001, ge=0)  # sampling policy: eta = min(eta_rate * update, eta_max)
+    eta_max: float = Field(0.5, ge=0, lt=1)
+    min_group_std: float | None = Field(None, ge=0)  # skip prompt groups whose rewards spread less (Edit-R1: 0.05)
+    retire_threshold: float | None = None  # retire prompts whose group mean stays above this
+    retire_patience: int = Field(2, ge=1)  # ... for this many epochs in a row
+    eval_every: int = Field(10, ge=1)  # epochs between held-out gold evaluations
+    checkpoint_every: int = Field(10, ge=1)  # epochs between checkpoints (resume with --resume)
+    log_groups: int = Field(1, ge=0)  # prompt groups per task drawn as TensorBoard image grids each logged epoch
+    log_images_every: int = Field(5, ge=1)  # epochs between TensorBoard image grids
+    dump_every: int = Field(10, ge=1)  # epochs between rollout dumps (PNG + JSONL) under <run>/rollouts/
+    seed: int = 0
+
+
+class LearnerConfig(_Section):
+    """The learner group every training stage (sft, distill, reward, rl) runs on, and what they share."""
+
+    num_ranks: int = Field(1, ge=1)
+    cpus_per_rank: float = Field(0.5, ge=0)
+    gpus_per_rank: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(8, ge=1)  # per rank per forward
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # join an existing Ray cluster; None starts a local one
+    # Logical CPUs of a local cluster (more than cores keeps 2 cores from deadlocking).
+    num_cpus: float | None = Field(4, gt=0)
+    num_gpus: int | None = Field(None, ge=0)
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    progress: bool = True
+    image_grids: bool = True
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    stages: list[StageName] = Field(default_factory=_default_stages, min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        problems = self.cross_field_problems()
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def cross_field_problems(self) -> list[str]:
+        """Checks that span several keys (every section's validator); each message names the keys involved."""
+        return validate.cross_field_problems(self)
+
+    def cpus_requested(self) -> float:
+        return validate.cpus_requested(self)
+
+    def runnable_problems(self) -> list[str]:
+        """What stops this version from running the config (checked before any actor starts)."""
+        return validate.runnable_problems(self)
+
+    def derived_sizes(self) -> dict[str, Any]:
+        """Sizes that follow from several keys, printed at the start of a run."""
+        return validate.derived_sizes(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,220 @@
+"""Checks that span several keys, one validator per section, plus what a run needs beyond a valid file.
+
+Each validator takes the parsed `Config` and returns messages that name every key involved, with its
+value and what was expected. `Config` runs all of `VALIDATORS` once its sections have parsed; this module
+does not import the schema at run time (the schema imports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posterrl.names import STAGE_ORDER
+
+if TYPE_CHECKING:
+    from posterrl.config.schema import Config
+
+# Policies this version builds (posterrl/policy.py); the other model kinds validate but do not run.
+IMPLEMENTED_POLICY_KINDS = ("tiny_flux",)
+
+
+def _per_step(cfg: Config) -> int:
+    """Samples one optimizer step takes without accumulation: every rank's micro batch."""
+    return cfg.learner.num_ranks * cfg.learner.micro_batch_size
+
+
+def _batch_problem(cfg: Config, key: str, batch_size: int) -> list[str]:
+    """A stage's global batch must split into whole micro batches on every rank."""
+    lc, per_step = cfg.learner, _per_step(cfg)
+    if batch_size % per_step:
+        return [f"{key}={batch_size} must be a multiple of learner.num_ranks * learner.micro_batch_size = "
+                f"{lc.num_ranks} * {lc.micro_batch_size} = {per_step}"]
+    return []
+
+
+def model_problems(cfg: Config) -> list[str]:
+    problems = []
+    m, t, te = cfg.model, cfg.model.transformer, cfg.model.text_encoder
+    if m.resolution % m.patch_size:
+        problems.append(f"model.resolution={m.resolution} must be a multiple of model.patch_size={m.patch_size}")
+    if sum(t.axes_dims_rope) != t.attention_head_dim:
+        problems.append(
+            f"model.transformer.axes_dims_rope={t.axes_dims_rope} must sum to "
+            f"model.transformer.attention_head_dim={t.attention_head_dim} (rotary axes split one head)"
+        )
+    if any(d % 2 for d in t.axes_dims_rope):
+        problems.append(f"model.transformer.axes_dims_rope={t.axes_dims_rope} must all be even")
+    if te.d_model % te.num_heads:
+        problems.append(
+            f"model.text_encoder.d_model={te.d_model} must be a multiple of model.text_encoder.num_heads={te.num_heads}"
+        )
+    if m.kind != "tiny_flux" and not m.pretrained_path:
+        problems.append(f"model.kind={m.kind!r} needs model.pretrained_path (a local directory; nothing is downloaded)")
+    return problems
+
+
+def stages_problems(cfg: Config) -> list[str]:
+    problems = []
+    order = [STAGE_ORDER.index(s) for s in cfg.stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        problems.append(f"stages={cfg.stages} must be distinct and in pipeline order {list(STAGE_ORDER)}")
+    if "data" not in cfg.stages:
+        problems.append(f"stages={cfg.stages} must start with 'data' (it generates or loads the manifests "
+                        "every later stage reads; with data.train_manifest it only loads them)")
+    return problems
+
+
+def data_problems(cfg: Config) -> list[str]:
+    if cfg.data.n_reward and cfg.data.train_manifest:
+        return [f"data.n_reward={cfg.data.n_reward} generates reward-stage posters, but data.train_manifest "
+                "is set (user data): use reward_model.preference_manifest for extra pairs instead"]
+    return []
+
+
+def sft_problems(cfg: Config) -> list[str]:
+    return _batch_problem(cfg, "sft.batch_size", cfg.sft.batch_size) if "sft" in cfg.stages else []
+
+
+def distill_problems(cfg: Config) -> list[str]:
+    return _batch_problem(cfg, "distill.batch_size", cfg.distill.batch_size) if "distill" in cfg.stages else []
+
+
+def rl_problems(cfg: Config) -> list[str]:
+    if "rl" not in cfg.stages:
+        return []
+    rl = cfg.rl
+    problems = []
+    if cfg.rollout.group_size < 2:
+        problems.append(f"rollout.group_size={cfg.rollout.group_size}: the rl stage compares samples within a "
+                        "prompt group, so it needs at least 2")
+    problems += _batch_problem(cfg, "rl.batch_size", rl.batch_size)
+    if not cfg.reward.scorers:
+        problems.append("stages has 'rl' but reward.scorers is empty: the rl stage needs a reward to optimise")
+    if rl.retire_threshold is None and rl.retire_patience != 2:
+        problems.append(f"rl.retire_patience={rl.retire_patience} has no effect without rl.retire_threshold")
+    if rl.mode == "sync" and rl.max_staleness != 1:
+        problems.append(f"rl.max_staleness={rl.max_staleness} applies to rl.mode=off_policy only "
+                        "(sync rollouts always come from the newest sampling policy)")
+    return problems
+
+
+def cluster_problems(cfg: Config) -> list[str]:
+    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
+        need = cpus_requested(cfg)
+        if need > cfg.cluster.num_cpus:
+            return [f"actors ask for {need:g} CPUs (rollout.num_actors * rollout.cpus_per_actor + "
+                    f"learner.num_ranks * learner.cpus_per_rank + reward.cpus) but cluster.num_cpus="
+                    f"{cfg.cluster.num_cpus:g}: they would wait forever for resources"]
+    return []
+
+
+def reward_problems(cfg: Config) -> list[str]:
+    problems = []
+    names = [s.name for s in cfg.reward.scorers]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"reward.scorers has duplicate names {dupes}")
+    for index, scorer in enumerate(cfg.reward.scorers):
+        where = f"reward.scorers[{index}] ({scorer.name})"
+        if scorer.kind == "vlm_judge":
+            if scorer.backend is None or scorer.path is None:
+                problems.append(f"{where}: kind vlm_judge needs backend (transformers, vllm or openai) and path "
+                                "(a local model directory, or the served model's name for openai)")
+            if scorer.backend == "openai" and not scorer.url:
+                problems.append(f"{where}: backend openai needs url, e.g. http://127.0.0.1:8000/v1")
+        elif scorer.backend is not None or scorer.url is not None:
+            problems.append(f"{where}: backend and url only apply to kind vlm_judge, not {scorer.kind}")
+    if "reward" in cfg.stages and not any(s.kind == "bradley_terry" and s.path is None for s in cfg.reward.scorers):
+        problems.append("stages has 'reward' but reward.scorers has no bradley_terry scorer without a path "
+                        "to serve the model it trains, e.g. {name: bt, kind: bradley_terry, weight: 1.0}")
+    return problems
+
+
+def reward_model_problems(cfg: Config) -> list[str]:
+    problems = []
+    rm, lc = cfg.reward_model, cfg.learner
+    if rm.backbone == "vlm" and rm.augment:
+        problems.append("reward_model.augment=true applies to the conv backbone only; set it false with backbone vlm")
+    if rm.backbone == "vlm" and not rm.vlm_path:
+        problems.append("reward_model.backbone=vlm needs reward_model.vlm_path (a local Qwen2-VL directory)")
+    if "reward" in cfg.stages and rm.batch_size % lc.num_ranks:
+        problems.append(f"reward_model.batch_size={rm.batch_size} must be a multiple of "
+                        f"learner.num_ranks={lc.num_ranks} (each rank takes an equal share of the pairs)")
+    return problems
+
+
+# Every cross-field check, in the order its messages are reported.
+VALIDATORS: tuple[Callable[[Config], list[str]], ...] = (
+    model_problems,
+    stages_problems,
+    data_problems,
+    sft_problems,
+    distill_problems,
+    rl_problems,
+    cluster_problems,
+    reward_problems,
+    reward_model_problems,
+)
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    return [problem for validator in VALIDATORS for problem in validator(cfg)]
+
+
+def cpus_requested(cfg: Config) -> float:
+    return (cfg.rollout.num_actors * cfg.rollout.cpus_per_actor + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
+            + cfg.reward.cpus)
+
+
+def runnable_problems(cfg: Config) -> list[str]:
+    """What stops this version from running a valid config: model kinds not built yet, paths that do not exist."""
+    problems = []
+    if cfg.model.kind not in IMPLEMENTED_POLICY_KINDS:
+        problems.append(f"model.kind={cfg.model.kind!r} is not available in this version of posterrl "
+                        f"(it builds {list(IMPLEMENTED_POLICY_KINDS)})")
+    for key in ("train_manifest", "val_manifest"):
+        path = getattr(cfg.data, key)
+        if path and not Path(path).is_file():
+            problems.append(f"data.{key}={path!r}: no such file")
+    for index, scorer in enumerate(cfg.reward.scorers):
+        local = scorer.kind == "bradley_terry" or (scorer.kind == "vlm_judge" and scorer.backend != "openai")
+        if local and scorer.path and not Path(scorer.path).is_dir():
+            problems.append(f"reward.scorers[{index}] ({scorer.name}).path={scorer.path!r}: no such directory")
+    rm = cfg.reward_model
+    if rm.preference_manifest and not Path(rm.preference_manifest).is_file():
+        problems.append(f"reward_model.preference_manifest={rm.preference_manifest!r}: no such file")
+    if rm.backbone == "vlm" and rm.vlm_path and not Path(rm.vlm_path).is_dir():
+        problems.append(f"reward_model.vlm_path={rm.vlm_path!r}: no such directory")
+    if cfg.model.pretrained_path and not Path(cfg.model.pretrained_path).is_dir():
+        problems.append(f"model.pretrained_path={cfg.model.pretrained_path!r}: no such directory")
+    return problems
+
+
+def derived_sizes(cfg: Config) -> dict[str, Any]:
+    """Sizes that follow from several keys, printed at the start of a run."""
+    m, per_step = cfg.model, _per_step(cfg)
+    tokens_per_image = (m.resolution // m.patch_size) ** 2
+    n_tasks = len(cfg.data.tasks)
+    rl_samples = cfg.rl.prompts_per_epoch * cfg.rollout.group_size
+    return {
+        "train samples (posters x tasks)": cfg.data.n_train * n_tasks,
+        "held-out samples": cfg.data.n_val * n_tasks,
+        "reward-stage preference prompts (train + data.n_reward posters, x tasks)":
+            (cfg.data.n_train + cfg.data.n_reward) * n_tasks,
+        "eval prompts": cfg.rollout.eval_per_task * n_tasks,
+        "image tokens per canvas": tokens_per_image,
+        "max sequence (text + output + inputs)": m.text_encoder.max_length + tokens_per_image * (1 + m.max_inputs),
+        "sft optimizer steps (per expert, 2 experts)": cfg.sft.steps,
+        "sft gradient accumulation steps": cfg.sft.batch_size // per_step,
+        "distill optimizer steps": cfg.distill.steps,
+        "distill gradient accumulation steps": cfg.distill.batch_size // per_step,
+        "reward_model optimizer steps": cfg.reward_model.steps,
+        "reward_model pairs per rank per step": cfg.reward_model.batch_size // cfg.learner.num_ranks,
+        "samples per rollout prompt group": cfg.rollout.group_size,
+        "rl samples per epoch (prompts x group)": rl_samples,
+        "rl optimizer steps per epoch (at least)": cfg.rl.passes * -(-rl_samples // cfg.rl.batch_size),
+        "rl gradient accumulation steps": cfg.rl.batch_size // per_step,
+        "CPUs requested by actors": cpus_requested(cfg),
+    }
