@@ -14,8 +14,8 @@ from actors.reward_server import start_reward_server
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
-from posterrl.runlog import RunDir
 from posterrl.models.reward_model import MODEL_SPEC_FILE
+from posterrl.runlog import RunDir
 
 
 @dataclass
@@ -29,7 +29,7 @@ class PipelineContext:
     rows: dict[str, list[ManifestRow]] = field(default_factory=dict)  # split -> rows, loaded once by the data stage
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
-    _reward_server: object | None = None  # the named reward-server actor handle
+    _reward_server: ray.actor.ActorHandle | None = None  # the named reward-server actor (start_reward_server)
 
     def train_rows(self) -> list[ManifestRow]:
         """The training split's rows of the tasks this run trains (data.tasks)."""
@@ -43,7 +43,7 @@ class PipelineContext:
         trained = (self.run.stage_checkpoint("reward") / MODEL_SPEC_FILE).is_file()
         return bool(self.config.reward.scorers) and (trained or not needs_stage)
 
-    def reward_server(self, reload: bool = False):
+    def reward_server(self, reload: bool = False) -> ray.actor.ActorHandle:
         """The run's named reward server, started on first use; it lives until the run ends.
 
         reload: a server that was already running reloads the bradley_terry scorers the reward stage

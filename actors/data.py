@@ -32,7 +32,7 @@ def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, siz
     remote_chunk = ray.remote(num_cpus=0.5)(_generate_chunk)
     bounds = [start + n * i // chunks for i in range(chunks + 1)]
     refs = [remote_chunk.remote(str(out_dir), a, b, seed, size, split, tasks)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -82,8 +82,10 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
         else:
             with ctx.progress() as progress:
                 bar = progress.add_task(f"data: generating {split} ({n} posters)", total=d.chunks, info="")
+                # Called only within this generate_split; the default pins this split's bar all the same.
                 generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
-                               on_chunk_done=lambda done, total: progress.update(bar, completed=done, total=total))
+                               on_chunk_done=lambda done, total, bar=bar: progress.update(
+                                   bar, completed=done, total=total))
         load = load_manifest(out / "manifest.jsonl", require_target=True)
         ctx.rows[split] = load.rows
         figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from actors.rollout_group import gather
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
+from posterrl.models.samples import EditSample
 from posterrl.policy import SPEC_FILE, EditPolicy
 from posterrl.runlog import RunDir
-from posterrl.models.samples import EditSample
 
 
 def latest_policy_dir(run: RunDir) -> Path | None:
@@ -29,7 +30,7 @@ def latest_policy_dir(run: RunDir) -> Path | None:
     return None
 
 
-def eval_rows(rows: list[ManifestRow], per_task: int, tasks: list[str]) -> list[ManifestRow]:
+def eval_rows(rows: list[ManifestRow], per_task: int, tasks: Sequence[str]) -> list[ManifestRow]:
     """The first per_task held-out rows of each task, in task order."""
     chosen: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
@@ -56,7 +57,7 @@ def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str,
     server = ctx.reward_server()
     results = ray.get(server.score.remote(samples, ctx.global_step))
     per_task: dict[str, list[float]] = defaultdict(list)
-    for sample, result in zip(samples, results):
+    for sample, result in zip(samples, results, strict=True):
         if result.reward is not None:
             per_task[sample.task].append(result.reward)
     means = {t: float(np.mean(v)) for t, v in per_task.items()}
@@ -65,7 +66,7 @@ def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str,
     return means
 
 
-def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks: list[str] | None = None,
+def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks: Sequence[str] | None = None,
              tag_prefix: str = "eval", version: int | None = None) -> Evaluation:
     """Held-out gold metric per task for the given weights, sampled on the rollout actors; with a
     reward server running (after the reward stage), the learned reward of the same samples too.
@@ -89,8 +90,8 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)
     edits: list[EditSample] = []
-    for row, rollout_group in zip(rows, groups):
-        target, inputs = row.load_target(), row.load_inputs()
+    for row, rollout_group in zip(rows, groups, strict=True):
+        target, inputs = row.require_target(), row.load_inputs()
         output = rollout_group.output_images(size=target.size)[0]
         edits.append(EditSample(row.id, row.task, row.instruction, inputs, output, row.meta))
         gold = gold_metric(row.task, output, target, row.meta)

@@ -24,10 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 from actors.cluster import threads_for
 from posterrl.config import Config
 from posterrl.data.tasks import TASKS, build_samples
+from posterrl.models.samples import EditSample
 from posterrl.runlog import RunDir
 from reward_server.batching import DynamicBatcher
 from reward_server.registry import JOURNAL_FILE, Journal, RegistryError, RewardRegistry, RewardResult, ScorerSpec
-from posterrl.models.samples import EditSample
 
 NAMESPACE = "posterrl"
 GIL_SWITCH_INTERVAL_S = 0.0002
@@ -46,6 +46,7 @@ def probe_samples(config: Config, n: int) -> list[EditSample]:
     index = 0
     while len(samples) < n:
         for sample in build_samples(10_000 + index, config.data.seed, config.data.size, TASKS, split="probe"):
+            assert sample.target is not None  # every task builder returns a target
             samples.append(EditSample(sample.id, sample.task, sample.instruction, sample.inputs, sample.target,
                                       sample.meta))
         index += 1

@@ -14,11 +14,11 @@ from actors.evaluation import latest_policy_dir
 from actors.rollout_group import gather, output_size
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
-from posterrl.policy import EditPolicy
 from posterrl.models.reward_model import MODEL_SPEC_FILE, reward_model_spec
+from posterrl.models.samples import PreferencePair
+from posterrl.policy import EditPolicy
 from reward_server.pairs import pairs_from_groups, pairwise_accuracy
 from reward_server.preference_manifest import load_preference_manifest
-from posterrl.models.samples import PreferencePair
 
 PAIR_SEED_OFFSET = 7919  # pairs are sampled with other noise than evaluation, so they are not its samples
 
@@ -36,7 +36,8 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
             _, pending = ray.wait(pending, num_returns=1)
             progress.update(bar, completed=len(refs) - len(pending))
     groups = gather(refs)
-    outputs = [(row, group.output_images(size=output_size(row, group))) for row, group in zip(rows, groups)]
+    outputs = [(row, group.output_images(size=output_size(row, group)))
+               for row, group in zip(rows, groups, strict=True)]
     return pairs_from_groups(outputs, noise=noise, tie_threshold=bt.tie_threshold if noise else 0.0,
                              negative_pairs=bt.negative_pairs, seed=seed)
 

@@ -44,7 +44,7 @@ class RolloutActor(RolloutWorker):
                          reward_server, step: int) -> tuple[list[RolloutGroup], ray.ObjectRef]:
         """K samples per row, plus the reward server's answer for all of them (an ObjectRef, group-major order)."""
         groups = self.sample(rows, group_size, base_seed, sampler)
-        edits = [edit for row, group in zip(rows, groups) for edit in edit_samples(row, group)]
+        edits = [edit for row, group in zip(rows, groups, strict=True) for edit in edit_samples(row, group)]
         return groups, reward_server.score.remote(edits, step)
 
 
@@ -59,7 +59,8 @@ class RolloutActorGroup:
         ]
         self.sampler = SamplerConfig.from_rollout(rc)
 
-    def publish(self, weights: dict[str, torch.Tensor | np.ndarray] | ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
+    def publish(self, weights: dict[str, torch.Tensor | np.ndarray] | ray.ObjectRef,
+                version: int) -> list[ray.ObjectRef]:
         """Hand new weights to every actor: one object in the object store that every actor reads.
 
         Returns the actors' acknowledgements (seconds each spent loading). Each actor loads after the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ REGIMES = ("local", "global")
 
 def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task: str,
                  stage: SftConfig | DistillConfig, task_inputs: dict[str, Any], export_dir: Path,
-                 eval_tasks: list[str]) -> dict[str, Any]:
+                 eval_tasks: Sequence[str]) -> dict[str, Any]:
     """Run learner task `task` (started with `task_inputs`) for the stage section's `steps` (its batch size,
     evaluation and checkpoint intervals too), evaluating, checkpointing, then exporting to export_dir."""
     lc, steps = ctx.config.learner, stage.steps

@@ -23,8 +23,8 @@ import ray
 
 from actors.reward_server import probe_samples, start_reward_server
 from posterrl.config import load_config
-from posterrl.runlog import RunDir
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.runlog import RunDir
 
 
 @ray.remote(num_cpus=1, max_concurrency=1000)
@@ -62,7 +62,8 @@ def drive(server, samples, clients: int, seconds: float, per_request: int = 1) -
         thread.join()
     elapsed = time.perf_counter() - began
     described = ray.get(server.describe.remote())
-    return {"samples_per_s": len(latencies) * per_request / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+    return {"samples_per_s": len(latencies) * per_request / elapsed,
+            "p50_ms": 1000 * float(np.percentile(latencies, 50)),
             "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "mean_batch": described["stats"]["mean_batch_size"], "requests": len(latencies)}
 
@@ -91,8 +92,8 @@ def main() -> None:
              "dynamic batching": [f"reward.max_batch_size={args.clients * args.per_request}", "reward.max_wait_ms=5"]}
     results = {}
     for mode, extra in modes.items():
-        config = load_config("configs/tiny.yaml", [*overrides, "stages=[data]", "reward.cpus=1", *extra,
-                                                   f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {model_dir}}}]"])
+        scorer = f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {model_dir}}}]"
+        config = load_config("configs/tiny.yaml", [*overrides, "stages=[data]", "reward.cpus=1", *extra, scorer])
         run = RunDir(root / mode.replace(" ", "_")).create(config)
         server = start_reward_server(config, run)
         drive(server, samples, args.clients, 2.0, args.per_request)  # warm-up: threads, allocator, first batches
@@ -104,7 +105,8 @@ def main() -> None:
     results["no scoring (ceiling)"] = drive(echo, samples, args.clients, args.seconds, args.per_request)
     ray.kill(echo, no_restart=True)
 
-    print(f"\nreward server, {args.clients} concurrent clients, {args.per_request}-sample requests, {args.seconds:g} s each, "
+    print(f"\nreward server, {args.clients} concurrent clients, {args.per_request}-sample requests, "
+          f"{args.seconds:g} s each, "
           f"BT conv backbone (channels {base.reward_model.channels}, canvas {base.reward_model.image_size})")
     print(f"{'mode':<22}{'samples/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'mean batch':>12}")
     for mode, r in results.items():

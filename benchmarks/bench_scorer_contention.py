@@ -23,9 +23,9 @@ import torch
 from actors.reward_server import GIL_SWITCH_INTERVAL_S, probe_samples
 from posterrl.config import load_config
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.judge import VlmJudge
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 
 
 class EagerScorer:

@@ -3,7 +3,7 @@ soft update, and the optional group filter and prompt retirement.
 
 Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
 https://arxiv.org/abs/2509.16117. Group filtering and prompt retirement follow Edit-R1 / UniWorld-V2
-(https://arxiv.org/abs/2510.16888). Conventions as in DESIGN.md: x_t = (1 - t) x0 + t eps, the
+(https://arxiv.org/abs/2510.16888). Conventions as in docs/design.md: x_t = (1 - t) x0 + t eps, the
 policy predicts v = eps - x0, so x0 = x_t - t v.
 """
 

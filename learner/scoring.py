@@ -45,17 +45,17 @@ def score_epoch(experiences: list[Experience], adv_max: float, min_group_std: fl
         if len(valid) < 2:  # a group needs two scored samples to compare
             dropped += len(valid)
             continue
-        for k in valid:
+        for index in valid:
             ids.append(experience.prompt_id)
             tasks.append(experience.task)
-            values.append(experience.reward[k])
-            where.append((g, int(k)))
+            values.append(experience.reward[index])
+            where.append((g, int(index)))
     if not values:
         return EpochScores([], dropped, [], {})
-    values = np.asarray(values)  # (B,) every scored sample of the epoch
-    advantages, stats = group_advantages(values, ids, std_keys=tasks if advantage_std == "task" else None)
+    rewards = np.asarray(values)  # (B,) every scored sample of the epoch
+    advantages, stats = group_advantages(rewards, ids, std_keys=tasks if advantage_std == "task" else None)
     r = optimality_probability(advantages, adv_max)  # (B,)
-    filtered = sorted(low_variance_groups(values, ids, min_group_std)) if min_group_std is not None else []
+    filtered = sorted(low_variance_groups(rewards, ids, min_group_std)) if min_group_std is not None else []
     for (g, k), a, prob in zip(where, advantages, r, strict=True):
         experiences[g].advantages[k], experiences[g].r[k] = a, prob
     for experience in experiences:

@@ -142,7 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                             spec.sampler.shift)
     groups = worker.sample(load.rows, group_size=1, base_seed=args.seed, sampler=sampler)
     grid, labels, gold = [], [], defaultdict(list)
-    for row, group in zip(load.rows, groups):
+    for row, group in zip(load.rows, groups, strict=True):
         target = row.load_target()
         image = group.output_images(size=target.size if target is not None else None)[0]
         image.save(out / f"{row.id}.png")
@@ -156,7 +156,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         grid.append(cells)
         labels.append(names)
     labelled_grid(grid, labels).save(out / "grid.png")
-    console.print(f"wrote {len(groups)} images and grid.png to {out} ({sampler.solver}, {sampler.num_steps} steps, seed {args.seed})")
+    console.print(f"wrote {len(groups)} images and grid.png to {out} "
+                  f"({sampler.solver}, {sampler.num_steps} steps, seed {args.seed})")
     for task, scores in gold.items():
         console.print(f"gold {task}: {np.mean(scores):.3f} over {len(scores)}")
     return 0

@@ -18,7 +18,6 @@ from posterrl.data.manifest import ManifestRow
 from posterrl.images import uncanvas
 
 
-
 class SampledGroup(Protocol):
     """What a rollout actor returns for one prompt (rollout.worker.RolloutGroup), as the record reads it."""
 

@@ -29,7 +29,7 @@ def content_box(aspect_w: float, aspect_h: float, side: int) -> tuple[int, int, 
 def letterbox(image: Image.Image, side: int) -> Image.Image:
     canvas = Image.new("RGB", (side, side), PAD_GRAY)
     box = content_box(image.width, image.height, side)
-    canvas.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR), box[:2])
+    canvas.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR), box[:2])
     return canvas
 
 
@@ -54,7 +54,7 @@ def uncanvas(tensor: torch.Tensor, aspect: Sequence[float], size: tuple[int, int
     """Crop a (3, R, R) canvas back to an image of the given aspect [w, h], optionally resized to size (w, h)."""
     image = tensor_to_pil(tensor)
     crop = image.crop(content_box(aspect[0], aspect[1], tensor.shape[-1]))
-    return crop.resize(size, Image.BILINEAR) if size is not None and crop.size != tuple(size) else crop
+    return crop.resize(size, Image.Resampling.BILINEAR) if size is not None and crop.size != tuple(size) else crop
 
 
 def labelled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[Sequence[str]] | None = None,

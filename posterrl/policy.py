@@ -76,7 +76,7 @@ class Condition:
     ref_tokens: torch.Tensor
     ref_ids: torch.Tensor
 
-    def repeat_interleave(self, k: int) -> "Condition":
+    def repeat_interleave(self, k: int) -> Condition:
         """Each sample repeated k times in a row (a prompt group of k samples)."""
         return Condition(
             self.text.repeat_interleave(k, 0),
@@ -96,6 +96,10 @@ def _image_ids(grid: int, index: int) -> torch.Tensor:
 class EditPolicy(nn.Module):
     """v_theta(x_t, t, condition) for poster edits; `forward` is the training-time call."""
 
+    # Buffers (register_buffer below), declared for the type checker: nn.Module types attributes as Tensor | Module.
+    noisy_ids: torch.Tensor
+    txt_ids: torch.Tensor
+
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: T5EncoderModel,
                  tokenizer: ByT5Tokenizer, spec: PolicySpec):
         super().__init__()
@@ -110,7 +114,7 @@ class EditPolicy(nn.Module):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_config(cls, model: ModelConfig, rollout: RolloutConfig | None = None) -> "EditPolicy":
+    def from_config(cls, model: ModelConfig, rollout: RolloutConfig | None = None) -> EditPolicy:
         if model.kind != "tiny_flux":
             raise NotImplementedError(
                 f"model.kind={model.kind!r}: only 'tiny_flux' is built in this version of posterrl"
@@ -221,7 +225,7 @@ class EditPolicy(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "EditPolicy":
+    def from_pretrained(cls, directory: str | Path) -> EditPolicy:
         directory = Path(directory)
         spec_path = directory / SPEC_FILE
         if not spec_path.is_file():

@@ -28,7 +28,7 @@ class RunDir:
         self.summary_path = self.root / "summary.json"
         self.config_path = self.root / "config.yaml"
 
-    def create(self, config: Config) -> "RunDir":
+    def create(self, config: Config) -> RunDir:
         for d in (self.root, self.tb, self.checkpoints):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -31,10 +31,12 @@ class BroadcastGroup:
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+        self.group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
         if backend == "gloo":
             self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
         else:
-            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            # torch's stub makes options required; the binding defaults it (ProcessGroupNCCL.Options())
+            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)  # type: ignore[call-arg]
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def broadcast(self, tensors: Sequence[torch.Tensor], wire_dtype: torch.dtype = torch.float32) -> int:
@@ -49,7 +51,8 @@ class BroadcastGroup:
             flat = torch.cat([t.detach().reshape(-1).to(self.device, wire_dtype) for t in tensors])
         else:
             flat = torch.empty(total, dtype=wire_dtype, device=self.device)
-        self.group.broadcast(flat, 0).wait()
+        # c10d's Backend binds broadcast(tensor, root); torch's stub for Backend leaves it out
+        self.group.broadcast(flat, 0).wait()  # type: ignore[union-attr]
         if self.rank != 0:
             offset = 0
             with torch.no_grad():

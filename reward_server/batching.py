@@ -45,28 +45,32 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task | None = None
         self._carry: _Request | None = None
 
-    def _start(self) -> None:
+    def _start(self) -> asyncio.Queue[_Request]:
+        """The request queue, with the loop that drains it."""
         # Created lazily inside the running loop (a Ray async actor's loop exists only once it serves).
         if self._loop_task is None:
             self._queue = asyncio.Queue()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        assert self._queue is not None  # created together with the loop task
+        return self._queue
 
     async def submit(self, items: Sequence[Any]) -> list[Any]:
         """Results for `items`, in order, once the batch they joined has been scored."""
-        self._start()
+        queue = self._start()
         request = _Request(list(items), asyncio.get_running_loop().create_future())
-        await self._queue.put(request)
+        await queue.put(request)
         return await request.future
 
     async def _collect(self) -> list[_Request]:
-        first, self._carry = self._carry or await self._queue.get(), None
+        queue = self._queue
+        assert queue is not None  # _run, the only caller, is started by _start after it made the queue
+        first, self._carry = self._carry or await queue.get(), None
         batch, size = [first], len(first.items)
         deadline = time.perf_counter() + self.max_wait_s
         while size < self.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
-                request = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
-                    self._queue.get(), remaining)
+                request = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
             if size + len(request.items) > self.max_batch_size:

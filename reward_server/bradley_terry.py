@@ -47,7 +47,7 @@ class BradleyTerryScorer:
         self.dtype = torch.float32 if conv else scorer_dtype(self.device)
         self.model = model.to(self.device, self.dtype)
         self.batch_size = batch_size
-        self.forward = _gil_free(self.model) if conv else self.model
+        self.forward = _gil_free(self.model) if isinstance(self.model, ConvRewardModel) else self.model
 
     @torch.no_grad()
     def score(self, samples: Sequence[EditSample]) -> ScoreBatch:

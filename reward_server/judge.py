@@ -82,7 +82,7 @@ def _details(digit_logprobs: dict[int, float]) -> dict:
     if not digit_logprobs:
         return {"reason": "no digit 0..5 among the first token's candidates"}
     distribution = _distribution(digit_logprobs)
-    return {"digits": distribution, "argmax": int(max(distribution, key=distribution.get))}
+    return {"digits": distribution, "argmax": int(max(distribution, key=distribution.__getitem__))}
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -123,7 +123,7 @@ class _TransformersBackend:
         batch = on_device(batch, self.device, self.dtype)
         logits = self.model(**batch).logits[:, -1].float()  # (B, V) the first answer token (left padding)
         digits = torch.log_softmax(logits, dim=-1)[:, self.digit_ids]  # (B, 6)
-        return [dict(zip(DIGITS, row.tolist())) for row in digits]
+        return [dict(zip(DIGITS, row.tolist(), strict=True)) for row in digits]
 
 
 class _VllmBackend:
@@ -190,6 +190,7 @@ class VlmJudge:
     def __init__(self, backend: str, path: str, url: str | None = None, batch_size: int = 8, top_logprobs: int = 20):
         """top_logprobs (openai): how many first-token candidates to ask for; OpenAI's API allows 20, a vLLM
         server up to its --max-logprobs. Digits outside them get no probability mass."""
+        self.backend: _TransformersBackend | _VllmBackend | _OpenAIBackend
         if backend == "transformers":
             self.backend = _TransformersBackend(path)
         elif backend == "vllm":

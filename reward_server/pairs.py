@@ -30,7 +30,7 @@ def pairs_from_groups(groups: Sequence[tuple[ManifestRow, list[Image.Image]]], n
     rng = np.random.default_rng(seed)
     pairs: list[PreferencePair] = []
     for row, outputs in groups:
-        target, inputs = row.load_target(), row.load_inputs()
+        target, inputs = row.require_target(), row.load_inputs()
         gold = np.array([gold_metric(row.task, image, target, row.meta) for image in outputs])  # (K,)
         noisy = gold + noise * rng.standard_normal(len(outputs))  # (K,) what the annotator saw
         for a, b in combinations(range(len(outputs)), 2):
@@ -41,7 +41,7 @@ def pairs_from_groups(groups: Sequence[tuple[ManifestRow, list[Image.Image]]], n
                 gold_margin=float(gold[w] - gold[l])))
         if negative_pairs:
             best = int(np.argmax(noisy))
-            unedited = inputs[0].resize(outputs[best].size, Image.BICUBIC)
+            unedited = inputs[0].resize(outputs[best].size, Image.Resampling.BICUBIC)
             pairs.append(PreferencePair(
                 f"{row.id}/{best}>input", row.task, row.instruction, inputs, outputs[best], unedited,
                 source="negative",
@@ -54,7 +54,8 @@ def pairs_from_groups(groups: Sequence[tuple[ManifestRow, list[Image.Image]]], n
 CLEAR_MARGIN = 0.01
 
 
-def pairwise_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+def pairwise_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray,
+                      pairs: Sequence[PreferencePair]) -> dict[str, float]:
     """Share of pairs the reward model orders like the gold metric (or like the user, for manifest pairs).
 
     Pairs the gold metric cannot order (equal gold) and ties are left out. Reported overall, per
@@ -63,7 +64,7 @@ def pairwise_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: Seque
     """
     diff = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)  # (P,)
     correct: dict[str, list[bool]] = {"all": []}
-    for d, pair in zip(diff, pairs):
+    for d, pair in zip(diff, pairs, strict=True):
         if pair.tie:
             continue
         truth = 1.0 if pair.gold_margin is None else np.sign(pair.gold_margin)

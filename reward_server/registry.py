@@ -25,7 +25,7 @@ import numpy as np
 from posterrl.errors import UserError
 from posterrl.models.samples import EditSample
 from posterrl.names import SCORER_KINDS
-from reward_server.types import Scorer, ScoreBatch
+from reward_server.types import ScoreBatch, Scorer
 
 JOURNAL_FILE = "reward_journal.jsonl"
 KINDS = SCORER_KINDS  # the config's reward.scorers[].kind choices
@@ -52,10 +52,15 @@ def load_scorer(spec: ScorerSpec) -> Scorer:
     if spec.kind == "bradley_terry":
         from reward_server.bradley_terry import BradleyTerryScorer
 
+        if spec.path is None:
+            raise RegistryError(f"scorer {spec.name!r}: kind bradley_terry needs path (a saved reward model)")
         return BradleyTerryScorer(spec.path)
     if spec.kind == "vlm_judge":
         from reward_server.judge import VlmJudge
 
+        if spec.backend is None or spec.path is None:
+            raise RegistryError(f"scorer {spec.name!r}: kind vlm_judge needs backend (transformers, vllm or openai) "
+                                "and path (a model directory, or the served model's name for openai)")
         return VlmJudge(backend=spec.backend, path=spec.path, url=spec.url)
     if spec.kind == "preservation":
         from reward_server.rules import PreservationScorer
@@ -225,7 +230,8 @@ class RewardRegistry:
             if spec.name in self.snapshot():
                 raise RegistryError(f"a scorer named {spec.name!r} is already registered; use swap to replace it")
             if spec.kind not in KINDS:
-                raise RegistryError(f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
+                raise RegistryError(
+                    f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
             if not math.isfinite(spec.weight):
                 raise RegistryError(f"scorer {spec.name!r}: weight must be a finite number, got {spec.weight}")
             return self._commit(spec, self._load_and_probe(spec), "add")
@@ -345,11 +351,13 @@ class RewardRegistry:
                                 failed={}) for s in samples]
         for name, entry in entries.items():
             answer = outcome[name]
+            details: list[dict]
             if isinstance(answer, str):
                 scores, details, reason = np.full(n, np.nan), [{}] * n, answer
                 self._count_failure(name, "timeout" if "timed out" in answer or "busy" in answer else "error", n)
             else:
-                scores, details, reason = np.asarray(answer.scores, dtype=np.float64), answer.details, "non-finite score"
+                scores, details = np.asarray(answer.scores, dtype=np.float64), answer.details
+                reason = "non-finite score"
             for i, result in enumerate(results):
                 result.weights[name] = entry.weight
                 result.versions[name] = entry.version

@@ -43,7 +43,8 @@ class PreservationScorer:
     score_range = (0.0, 1.0)
 
     def score(self, samples: Sequence[EditSample]) -> ScoreBatch:
-        scores, details = [], []
+        scores: list[float] = []
+        details: list[dict] = []
         for sample in samples:
             if sample.task not in PRESERVING_TASKS:
                 scores.append(NEUTRAL)
@@ -51,7 +52,7 @@ class PreservationScorer:
                 continue
             output = to_array(sample.output)  # (H, W, 3)
             h, w = output.shape[:2]
-            reference = to_array(sample.inputs[0].resize((w, h), Image.BILINEAR))  # (H, W, 3)
+            reference = to_array(sample.inputs[0].resize((w, h), Image.Resampling.BILINEAR))  # (H, W, 3)
             mask = _known_mask(sample, h, w)
             if not mask.any():
                 scores.append(NEUTRAL)
@@ -119,12 +120,15 @@ class OcrTitleScorer:
     def read(self, image: Image.Image) -> list[str]:
         scale = self.ocr_side / max(image.size)
         upscaled = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
-                                               Image.BICUBIC)
+                                               Image.Resampling.BICUBIC)
         result = self.engine(upscaled)
-        return list(result.txts or ())
+        # det and rec both run (the defaults), so the answer has txts; the declared union also lists the
+        # det-only and cls-only outputs, which do not
+        return list(result.txts or ())  # type: ignore[union-attr]
 
     def score(self, samples: Sequence[EditSample]) -> ScoreBatch:
-        scores, details = [], []
+        scores: list[float] = []
+        details: list[dict] = []
         for sample in samples:
             title = sample.meta.get("poster", {}).get("title")
             if not title:

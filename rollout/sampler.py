@@ -70,7 +70,7 @@ def sample(policy: EditPolicy, cond: Condition, noise: torch.Tensor, config: Sam
         return policy.velocity(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device), cond)
 
     x = noise.to(cond.text.device, cond.text.dtype)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = step(velocity, x, sigma, sigma_next)
     return x.clamp(-1.0, 1.0)
 

@@ -76,14 +76,18 @@ class RolloutWorker:
         current ones may be read-only.
         """
         began = time.perf_counter()
-        if all(isinstance(v, np.ndarray) for v in state_dict.values()):
+        arrays = {k: v for k, v in state_dict.items() if isinstance(v, np.ndarray)}
+        tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        if len(arrays) == len(state_dict):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                weights = {k: torch.from_numpy(v) for k, v in state_dict.items()}
-            self._shared_weights = state_dict
-        else:
-            weights = {k: v.detach().clone() for k, v in state_dict.items()}
+                weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            self._shared_weights = arrays
+        elif len(tensors) == len(state_dict):
+            weights = {k: v.detach().clone() for k, v in tensors.items()}
             self._shared_weights = None
+        else:
+            raise TypeError("load_weights: expected every value to be a numpy array, or every value a tensor")
         self.policy.load_state_dict(weights, assign=True)
         self.policy_version = version
         return time.perf_counter() - began
@@ -95,6 +99,8 @@ class RolloutWorker:
 
     def receive_weights(self, version: int) -> float:
         """Take the weights learner rank 0 broadcasts now (every member calls at once); returns seconds spent."""
+        if self.weight_group is None:
+            raise RuntimeError("receive_weights before join_weight_broadcast: this worker is in no broadcast group")
         began = time.perf_counter()
         if self._shared_weights is not None:  # read-only object-store views: receive into writable copies
             self.load_weights(self.policy.state_dict(), self.policy_version)

@@ -17,8 +17,9 @@ from learner.bt_loss import bradley_terry_loss
 from learner.tasks.base import Stats, TaskState
 from posterrl.batch import on_device
 from posterrl.config import Config
-from posterrl.models.reward_model import build_reward_model, pair_sides, save_reward_model
+from posterrl.models.reward_model import ConvRewardModel, build_reward_model, pair_sides, save_reward_model
 from posterrl.models.samples import PreferencePair
+from posterrl.models.vlm_reward import VlmRewardModel
 
 
 class RewardModelTask:
@@ -47,6 +48,7 @@ class RewardModelTask:
     def pair_scores(self, model: nn.Module, pairs: list[PreferencePair],
                     batch_size: int = 64) -> tuple[list[float], list[float]]:
         """Rewards of chosen and rejected for held-out pairs (eval mode, no gradient)."""
+        assert isinstance(model, (ConvRewardModel, VlmRewardModel))  # the engine's module, which build() made
         model.eval()
         dtype = next(model.parameters()).dtype
         chosen: list[float] = []

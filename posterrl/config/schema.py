@@ -152,7 +152,7 @@ class DistillConfig(_Section):
 
 
 class RlConfig(_Section):
-    """The `rl` stage: DiffusionNFT on the policy's own rollouts (DESIGN.md has the formulas)."""
+    """The `rl` stage: DiffusionNFT on the policy's own rollouts (docs/design.md has the formulas)."""
 
     epochs: int = Field(30, ge=1)  # sample -> score -> train -> publish rounds
     prompts_per_epoch: int = Field(16, ge=1)  # prompt groups per epoch, each with rollout.group_size samples

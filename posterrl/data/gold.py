@@ -45,7 +45,8 @@ def _resized_to(output: ImageLike, height: int, width: int) -> np.ndarray:
     if array.shape[:2] == (height, width):
         return array
     # Bilinear per channel in float ("F" mode) so float outputs are not quantized first.
-    channels = [Image.fromarray(np.ascontiguousarray(array[..., c]), "F").resize((width, height), Image.BILINEAR)
+    channels = [Image.fromarray(np.ascontiguousarray(array[..., c]), "F").resize((width, height),
+                                                                                 Image.Resampling.BILINEAR)
                 for c in range(3)]
     return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image
 
@@ -40,6 +40,12 @@ class ManifestRow:
 
     def load_target(self) -> Image.Image | None:
         return None if self.target is None else load_rgb(self.target)
+
+    def require_target(self) -> Image.Image:
+        """The target image, for code that scores against it (the gold metric); a row without one is an error."""
+        if self.target is None:
+            raise ManifestError(f"row {self.id!r} ({self.task}) has no target image, which gold scoring needs")
+        return load_rgb(self.target)
 
 
 @dataclass

@@ -143,7 +143,7 @@ def color_distance(a: RGB, b: RGB) -> float:
 
 
 def mix_rgb(a: RGB, b: RGB, t: float) -> RGB:
-    return tuple(round(x * (1 - t) + y * t) for x, y in zip(a, b))  # type: ignore[return-value]
+    return tuple(round(x * (1 - t) + y * t) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def readable_on(background: RGB, preferred: RGB) -> RGB:
@@ -191,8 +191,8 @@ def _family_palette(rng: np.random.Generator, family: str) -> Palette:
         hue = u()
         bg0 = _hsv(hue, u(0.0, 0.08), u(0.93, 0.98))
         bg1 = mix_rgb(bg0, (0, 0, 0), 0.08)
-        accents = (_hsv(hue + u(0.3, 0.7), u(0.65, 0.9), u(0.6, 0.9)), (30, 30, 34),
-                   _hsv(hue + u(0.3, 0.7) + 0.08, u(0.5, 0.8), u(0.55, 0.85)))
+        accents: tuple[RGB, ...] = (_hsv(hue + u(0.3, 0.7), u(0.65, 0.9), u(0.6, 0.9)), (30, 30, 34),
+                                    _hsv(hue + u(0.3, 0.7) + 0.08, u(0.5, 0.8), u(0.55, 0.85)))
         text = (24, 24, 28)
     elif family == "retro":
         hues = rng.permutation([0.03, 0.08, 0.13, 0.5, 0.2, 0.55])
@@ -243,7 +243,8 @@ class FamilyStyle:
 
 
 FAMILY_STYLES: dict[str, FamilyStyle] = {
-    "minimalist": FamilyStyle({"solid": 0.7, "dots": 0.15, "split": 0.15}, {"solid": 0.7, "stripes": 0.15, "dots": 0.15},
+    "minimalist": FamilyStyle({"solid": 0.7, "dots": 0.15, "split": 0.15},
+                              {"solid": 0.7, "stripes": 0.15, "dots": 0.15},
                               {"title-top": 0.45, "title-bottom": 0.45, "banner": 0.1}, 0.6, False),
     "retro": FamilyStyle({"stripes": 0.4, "solid": 0.3, "dots": 0.3}, {"stripes": 0.5, "solid": 0.3, "dots": 0.2},
                          {"title-top": 0.3, "title-bottom": 0.2, "banner": 0.5}, 0.2, True),
@@ -295,7 +296,8 @@ def sample_entities(
     for k, shape_index in enumerate(chosen):
         color = colors[(start + k) % len(colors)]
         # The texture's second colour is a light or dark variant so the pattern shows at 64 px.
-        texture_color = mix_rgb(color, (255, 255, 255), 0.6) if _luminance(color) < 0.35 else mix_rgb(color, (0, 0, 0), 0.5)
+        texture_color = (mix_rgb(color, (255, 255, 255), 0.6) if _luminance(color) < 0.35
+                         else mix_rgb(color, (0, 0, 0), 0.5))
         entities.append(Entity(
             shape=shapes[int(shape_index)],
             color=color,

@@ -8,19 +8,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from posterrl.data.posters import (
-    Box,
-    ElementBox,
-    Entity,
     PLAIN_DARK,
     PLAIN_LIGHT,
-    PosterSpec,
     RGB,
     SHAPES,
     TEXTURES,
-    mix_rgb,
+    Box,
+    ElementBox,
+    Entity,
+    PosterSpec,
     banner_band,
     color_distance,
     element_boxes,
+    mix_rgb,
     readable_on,
 )
 
@@ -32,7 +32,10 @@ def _supersample(long_side: int) -> int:
 
 @lru_cache(maxsize=512)
 def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType: a fixed-size bitmap font
+        raise RuntimeError("rendering posters needs Pillow with FreeType support (sized fonts)")
+    return font
 
 
 def _background(spec: PosterSpec, width: int, height: int) -> np.ndarray:
@@ -89,7 +92,7 @@ def _shape_mask(shape: str, box: tuple[float, float, float, float], size: tuple[
     elif shape == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-        polygon([(float(rr * np.cos(a)), float(rr * np.sin(a) + 0.08)) for rr, a in zip(radii, angles)])
+        polygon([(float(rr * np.cos(a)), float(rr * np.sin(a) + 0.08)) for rr, a in zip(radii, angles, strict=True)])
     elif shape == "cross":
         arm = 0.32
         polygon([(-arm, -1), (arm, -1), (arm, -arm), (1, -arm), (1, arm), (arm, arm), (arm, 1), (-arm, 1),
@@ -183,7 +186,7 @@ def _draw_text(draw: ImageDraw.ImageDraw, text: str, box_px: tuple[float, float,
     gap = 0.25 * size
     block_h = len(lines) * line_h + (len(lines) - 1) * gap
     y = box_px[1] + (box_px[3] - box_px[1] - block_h) / 2
-    for line, bbox in zip(lines, bboxes):
+    for line, bbox in zip(lines, bboxes, strict=True):
         line_w = bbox[2] - bbox[0]
         x = box_px[0] if align == "left" else box_px[0] + (box_px[2] - box_px[0] - line_w) / 2
         draw.text((x - bbox[0], y - cap_top), line, font=font, fill=color, stroke_width=stroke_px, stroke_fill=color)
@@ -209,7 +212,7 @@ def render(spec: PosterSpec, width: int, height: int) -> Image.Image:
         draw.rectangle(px(banner_band(title_box)), fill=band_color)
         title_color = readable_on(band_color, spec.palette.text)
     shadow_color = mix_rgb(spec.palette.background[0], (0, 0, 0), 0.55) if spec.shadow else None
-    for entity, box in zip(spec.entities, (b for b in boxes if b.kind == "entity")):
+    for entity, box in zip(spec.entities, (b for b in boxes if b.kind == "entity"), strict=True):
         _draw_entity(canvas, entity, px(box.box), shadow_color)
     bold = 0.06 if spec.family in ("retro", "bold-geometric") else 0.03
     # Inset the text a little so glyphs never touch the box edge.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -28,7 +28,7 @@ def task_counts(rows: Iterable[ManifestRow]) -> dict[str, int]:
 def _fit(image: Image.Image, cell: int) -> Image.Image:
     scale = cell / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.BICUBIC)
+    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def contact_sheet(rows: list[ManifestRow], out_png: str | Path, per_task: int = 4, cell: int = 96) -> Path:

@@ -8,9 +8,9 @@ of tasks gives the same samples as asking for all of them.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image

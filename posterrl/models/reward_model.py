@@ -18,8 +18,8 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,6 +29,9 @@ from posterrl.data.tasks import TASKS
 from posterrl.images import canvas_tensor
 from posterrl.models.samples import EditSample, PreferencePair
 
+if TYPE_CHECKING:
+    from posterrl.models.vlm_reward import VlmRewardModel
+
 MODEL_SPEC_FILE = "posterrl_reward_model.json"
 WEIGHTS_FILE = "model.safetensors"
 MAX_INPUTS = 3
@@ -36,7 +39,7 @@ MAX_INPUTS = 3
 
 def reward_model_spec(bt: RewardModelConfig, seed: int = 0) -> dict:
     """The spec a reward model is built from, taken from the reward_model config section."""
-    spec = {"backbone": bt.backbone, "seed": seed, "tasks": list(TASKS)}
+    spec: dict[str, Any] = {"backbone": bt.backbone, "seed": seed, "tasks": list(TASKS)}
     if bt.backbone == "conv":
         spec.update(channels=bt.channels, image_size=bt.image_size, max_inputs=MAX_INPUTS,
                     difference_channels=bt.difference_channels)
@@ -139,7 +142,7 @@ class ConvRewardModel(nn.Module):
         return self.head(features).squeeze(-1)  # (B,)
 
 
-def build_reward_model(spec: dict) -> nn.Module:
+def build_reward_model(spec: dict) -> ConvRewardModel | VlmRewardModel:
     """The one place that maps a backbone name to its class."""
     torch.manual_seed(spec.get("seed", 0))
     if spec["backbone"] == "conv":
@@ -178,7 +181,7 @@ def save_reward_model(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_reward_model(directory: str | Path) -> nn.Module:
+def load_reward_model(directory: str | Path) -> ConvRewardModel | VlmRewardModel:
     """A saved reward model; errors name the directory and what is missing or wrong."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -186,7 +189,8 @@ def load_reward_model(directory: str | Path) -> nn.Module:
     spec_path, weights_path = directory / MODEL_SPEC_FILE, directory / WEIGHTS_FILE
     for path in (spec_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"reward model {directory}: missing {path.name} (not a saved posterrl reward model)")
+            raise FileNotFoundError(
+                f"reward model {directory}: missing {path.name} (not a saved posterrl reward model)")
     try:
         spec = json.loads(spec_path.read_text())
     except json.JSONDecodeError as exc:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from posterrl.models.tiny_vlm import encode_chat
 from posterrl.models.samples import EditSample
+from posterrl.models.tiny_vlm import encode_chat
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -62,7 +62,8 @@ def test_two_ranks_train_resume_and_stay_in_sync(ray_cluster, config, fixed_batc
 
 
 def test_checkpoints_are_atomic_and_pruned(ray_cluster, config, fixed_batch, tmp_path):
-    group = LearnerGroup(config.model_copy(update={"learner": config.learner.model_copy(update={"num_ranks": 1, "micro_batch_size": 4})}))
+    learner = config.learner.model_copy(update={"num_ranks": 1, "micro_batch_size": 4})
+    group = LearnerGroup(config.model_copy(update={"learner": learner}))
     try:
         group.start("sft", seed=0)
         for _ in range(3):

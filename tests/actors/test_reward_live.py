@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from actors.reward_server import find_reward_server, probe_samples, start_reward_server
 from posterrl.config import load_config
-from posterrl.runlog import RunDir
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.runlog import RunDir
 
 pytestmark = pytest.mark.integration
 CLIENTS = 32
@@ -37,8 +37,9 @@ def live_run(ray_cluster, tmp_path_factory):
     save_reward_model(build_reward_model(spec), corrupt)
     for weights in corrupt.glob("*.safetensors"):
         weights.write_bytes(b"not a tensor file")
+    scorer = f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {root / 'rm_a'}}}]"
     config = load_config("configs/tiny.yaml", ["stages=[data]", "reward.max_wait_ms=20", "reward.max_batch_size=16",
-                                               f"reward.scorers=[{{name: bt, kind: bradley_terry, path: {root / 'rm_a'}}}]"])
+                                               scorer])
     run = RunDir(root / "run").create(config)
     server = start_reward_server(config, run)
     yield config, run, server, root

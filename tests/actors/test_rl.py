@@ -16,11 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from posterrl.config import load_config
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import TASKS
-from posterrl.policy import EditPolicy
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
+from posterrl.models.samples import EditSample
+from posterrl.policy import EditPolicy
 from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.rules import PreservationScorer
-from posterrl.models.samples import EditSample
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from learner.nft import (NftHyper, PromptRetirement, group_advantages, low_variance_groups, nft_loss,
-                         optimality_probability, sampling_policy_eta, soft_update)
+from learner.nft import (
+    NftHyper,
+    PromptRetirement,
+    group_advantages,
+    low_variance_groups,
+    nft_loss,
+    optimality_probability,
+    sampling_policy_eta,
+    soft_update,
+)
 
 
 def test_group_advantages_use_group_mean_and_global_std():

@@ -53,7 +53,8 @@ def test_generate_dataset_is_deterministic(tmp_path):
             assert np.array_equal(_pixels(a), _pixels(b)), name
     assert first.read_bytes() != other.read_bytes()
     target = rows[0]["target"]
-    assert not np.array_equal(_pixels(Image.open(tmp_path / "a" / target)), _pixels(Image.open(tmp_path / "c" / target)))
+    assert not np.array_equal(_pixels(Image.open(tmp_path / "a" / target)),
+                              _pixels(Image.open(tmp_path / "c" / target)))
 
 
 def test_chunked_generation_equals_one_pass():

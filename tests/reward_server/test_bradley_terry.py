@@ -10,9 +10,17 @@ from PIL import Image, ImageFilter
 from learner.bt_loss import bradley_terry_loss
 from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS, build_samples
-from posterrl.models.reward_model import MODEL_SPEC_FILE, WEIGHTS_FILE, build_reward_model, load_reward_model, pair_sides, reward_model_spec, save_reward_model
-from reward_server.bradley_terry import BradleyTerryScorer
+from posterrl.models.reward_model import (
+    MODEL_SPEC_FILE,
+    WEIGHTS_FILE,
+    build_reward_model,
+    load_reward_model,
+    pair_sides,
+    reward_model_spec,
+    save_reward_model,
+)
 from posterrl.models.samples import EditSample, PreferencePair
+from reward_server.bradley_terry import BradleyTerryScorer
 
 SPEC = reward_model_spec(RewardModelConfig(channels=8, image_size=32))
 

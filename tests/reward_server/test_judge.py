@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from posterrl.data.tasks import TASKS, build_samples
-from reward_server.judge import VlmJudge, expected_digit_score, judge_messages
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 from posterrl.models.samples import EditSample
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from reward_server.judge import VlmJudge, expected_digit_score, judge_messages
 
 
 def edits(n_posters=1):

@@ -7,8 +7,8 @@ from PIL import Image
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import generate_dataset
-from reward_server.pairs import pairs_from_groups, pairwise_accuracy
 from posterrl.models.samples import PreferencePair
+from reward_server.pairs import pairs_from_groups, pairwise_accuracy
 
 
 @pytest.fixture(scope="module")

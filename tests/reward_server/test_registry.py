@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from posterrl.models.samples import EditSample
 from reward_server.batching import DynamicBatcher
 from reward_server.registry import Journal, RegistryError, RewardRegistry, ScorerSpec
-from posterrl.models.samples import EditSample
 from reward_server.types import ScoreBatch
 
 

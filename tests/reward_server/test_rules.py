@@ -9,8 +9,15 @@ from PIL import Image
 from posterrl.data.posters import canvas_size, sample_spec
 from posterrl.data.render import render
 from posterrl.data.tasks import TASKS, build_samples
-from reward_server.rules import NEUTRAL, OcrTitleScorer, PreservationScorer, best_title_match, edit_distance, text_accuracy
 from posterrl.models.samples import EditSample
+from reward_server.rules import (
+    NEUTRAL,
+    OcrTitleScorer,
+    PreservationScorer,
+    best_title_match,
+    edit_distance,
+    text_accuracy,
+)
 
 
 def edit(sample, output):

