@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ray
@@ -63,6 +64,15 @@ class PipelineContext:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), console=self.console,
                         disable=not self.config.logging.progress, transient=False)
+
+    def wait_with_progress(self, refs: Sequence[ray.ObjectRef], description: str) -> None:
+        """Block until every ref is ready, with a bar of how many are."""
+        with self.progress() as progress:
+            bar = progress.add_task(description, total=len(refs), info="")
+            pending = list(refs)
+            while pending:
+                _, pending = ray.wait(pending, num_returns=1)
+                progress.update(bar, completed=len(refs) - len(pending))
 
     def rollout_group(self) -> RolloutActorGroup:
         """Started on first use and kept for the whole run."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ def _generate_chunk(out_dir: str, start: int, stop: int, seed: int, size: int, s
 
 
 def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, size: int, tasks: list[str],
-                   chunks: int, on_chunk_done=None) -> Path:
+                   chunks: int, wait: Callable[[list[ray.ObjectRef]], None] | None = None) -> Path:
     """Posters start..start+n-1 as Ray tasks; rows are written in index order whatever finishes first.
 
     Each poster is a pure function of (seed, index), so the result equals one sequential pass.
@@ -33,11 +35,8 @@ def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, siz
     bounds = [start + n * i // chunks for i in range(chunks + 1)]
     refs = [remote_chunk.remote(str(out_dir), a, b, seed, size, split, tasks)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        if on_chunk_done:
-            on_chunk_done(len(refs) - len(pending), len(refs))
+    if wait is not None:  # e.g. with a progress bar; ray.get below waits in any case
+        wait(refs)
     rows = [row for chunk_rows in ray.get(refs) for row in chunk_rows]
     manifest = out_dir / "manifest.jsonl"
     write_manifest(rows, manifest)
@@ -80,12 +79,8 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
         if is_generated(out, split, start, n, d.seed, d.size, list(d.tasks)):
             ctx.console.print(f"data: {out} already holds this split, kept")
         else:
-            with ctx.progress() as progress:
-                bar = progress.add_task(f"data: generating {split} ({n} posters)", total=d.chunks, info="")
-                # Called only within this generate_split; the default pins this split's bar all the same.
-                generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
-                               on_chunk_done=lambda done, total, bar=bar: progress.update(
-                                   bar, completed=done, total=total))
+            generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
+                           wait=partial(ctx.wait_with_progress, description=f"data: generating {split} ({n} posters)"))
         load = load_manifest(out / "manifest.jsonl", require_target=True)
         ctx.rows[split] = load.rows
         figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,

@@ -79,12 +79,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     if policy_state is not None:
         group.load_weights(policy_state, version=ctx.global_step if version is None else version)
     refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
-    with ctx.progress() as progress:
-        bar = progress.add_task(f"eval: sampling {label} ({len(rows)} prompts)", total=len(refs), info="")
-        pending = list(refs)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=1)
-            progress.update(bar, completed=len(refs) - len(pending))
+    ctx.wait_with_progress(refs, f"eval: sampling {label} ({len(rows)} prompts)")
     groups = gather(refs)
 
     scores: dict[str, list[float]] = defaultdict(list)

@@ -28,13 +28,7 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
     """K samples per prompt from the rollout actors, ranked by the (noisy) gold metric into pairs."""
     bt = ctx.config.reward_model
     refs = ctx.rollout_group().submit(rows, group_size=bt.samples_per_prompt, base_seed=seed)
-    with ctx.progress() as progress:
-        bar = progress.add_task(f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})",
-                                total=len(refs), info="")
-        pending = list(refs)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=1)
-            progress.update(bar, completed=len(refs) - len(pending))
+    ctx.wait_with_progress(refs, f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})")
     groups = gather(refs)
     outputs = [(row, group.output_images(size=output_size(row, group)))
                for row, group in zip(rows, groups, strict=True)]

@@ -24,8 +24,8 @@ from actors.evaluation import evaluate, latest_policy_dir
 from actors.rollout_log import RolloutLog, oldest_policy_version
 from actors.weight_sync import Publication, WeightSync
 from learner.data import rl_batches, rl_prompts
-from learner.nft import PromptRetirement
-from learner.scoring import EpochScores, NoRetirement, score_epoch
+from learner.nft import NoRetirement, PromptRetirement
+from learner.scoring import EpochScores, score_epoch
 from posterrl.checkpoints import LATEST_FILE
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow

@@ -25,7 +25,6 @@ class NftHyper:
     beta: float = 1.0  # how far v+ / v- sit from the sampling policy
     adv_max: float = 5.0  # A_max: advantages are clipped to [-A_max, A_max]
     kl_coef: float = 1e-4  # weight of ||v_theta - v_ref||^2
-    std_eps: float = 1e-4  # added to the global std
 
 
 def group_advantages(rewards: np.ndarray, group_ids: Sequence[str], std_eps: float = 1e-4,
@@ -150,3 +149,18 @@ class PromptRetirement:
 
     def load(self, state: dict) -> None:
         self.streak, self.retired = dict(state["streak"]), set(state["retired"])
+
+
+class NoRetirement:
+    """PromptRetirement's stand-in when rl.retire_threshold is unset: nothing is retired, nothing is checkpointed."""
+
+    retired: frozenset[str] = frozenset()
+
+    def observe(self, group_means: dict[str, float]) -> list[str]:
+        return []
+
+    def state(self) -> None:
+        return None
+
+    def load(self, state: dict | None) -> None:
+        pass

@@ -63,18 +63,3 @@ def score_epoch(experiences: list[Experience], adv_max: float, min_group_std: fl
     samples = [s for experience in experiences for s in experience.training_samples()]
     stats["r_mean"] = float(np.mean([s.r for s in samples])) if samples else float("nan")
     return EpochScores(samples, dropped, filtered, stats)
-
-
-class NoRetirement:
-    """PromptRetirement's stand-in when rl.retire_threshold is unset: nothing is retired, nothing is checkpointed."""
-
-    retired: frozenset[str] = frozenset()
-
-    def observe(self, group_means: dict[str, float]) -> list[str]:
-        return []
-
-    def state(self) -> None:
-        return None
-
-    def load(self, state: dict | None) -> None:
-        pass

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from learner.data import rl_batches, rl_prompts
-from learner.scoring import NoRetirement, score_epoch
+from learner.nft import NoRetirement
+from learner.scoring import score_epoch
 from posterrl.data.manifest import ManifestRow
 from posterrl.experience import Experience, RlSample
 
