@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from actors.context import PipelineContext
-from posterrl.data.manifest import load_manifest, summarize_skips, write_manifest
+from posterrl.data.manifest import ManifestLoad, check_bad_fraction, load_manifest, summarize_skips, write_manifest
 from posterrl.data.sheet import task_counts
 from posterrl.data.tasks import build_samples, write_samples
 
@@ -55,14 +55,22 @@ def is_generated(out_dir: Path, split: str, start: int, n: int, seed: int, size:
     return all(stamp.get(k) == v for k, v in want.items())
 
 
+def load_split(ctx: PipelineContext, path: str | Path) -> ManifestLoad:
+    """A split's rows: bad ones (rows with more inputs than the model takes among them) skipped, counted and
+    reported; more than data.max_bad_fraction of them stops the run here, before any training."""
+    load = load_manifest(path, require_target=True, max_inputs=ctx.config.model.max_inputs)
+    if load.skipped:
+        ctx.console.print(f"[yellow]{summarize_skips(load)}")
+    check_bad_fraction(load, ctx.config.data.max_bad_fraction)
+    return load
+
+
 def run_data(ctx: PipelineContext) -> dict[str, Any]:
     d = ctx.config.data
     if d.train_manifest:
         figures: dict[str, Any] = {"source": "user manifests"}
         for split, path in (("train", d.train_manifest), ("val", d.val_manifest or d.train_manifest)):
-            load = load_manifest(path, require_target=True)
-            if load.skipped:
-                ctx.console.print(f"[yellow]{summarize_skips(load)}")
+            load = load_split(ctx, path)
             ctx.rows[split] = load.rows
             figures[split] = {"rows": len(load.rows), "skipped": load.skipped, "per_task": task_counts(load.rows)}
         return figures
@@ -81,7 +89,7 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
         else:
             generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
                            wait=partial(ctx.wait_with_progress, description=f"data: generating {split} ({n} posters)"))
-        load = load_manifest(out / "manifest.jsonl", require_target=True)
+        load = load_split(ctx, out / "manifest.jsonl")
         ctx.rows[split] = load.rows
         figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,
                           "per_task": task_counts(load.rows)}

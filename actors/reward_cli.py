@@ -8,7 +8,6 @@ loads and probes a new scorer before it goes live and answers with the reason wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -16,18 +15,14 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from actors.reward_server import CLUSTER_FILE, NAMESPACE, find_reward_server
+from actors.reward_server import NAMESPACE, find_reward_server
+from posterrl.runlog import read_cluster_file
 from reward_server.registry import RegistryError
 
 
 def cluster_address(run_dir: Path, address: str | None) -> str:
-    if address:
-        return address
-    info_path = run_dir / CLUSTER_FILE
-    if not info_path.is_file():
-        raise RegistryError(f"{info_path} does not exist: the run has not started its reward server yet, or "
-                            "--run is not a run directory; pass --address ADDR to name the Ray cluster")
-    return json.loads(info_path.read_text())["address"]
+    """--address, or the one the run wrote to RUN_DIR/cluster.json (checked: posterrl/runlog.py)."""
+    return address or read_cluster_file(run_dir)["address"]
 
 
 def print_registry(console: Console, described: dict) -> None:

@@ -25,13 +25,12 @@ from actors.cluster import threads_for
 from posterrl.config import Config
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.models.samples import EditSample
-from posterrl.runlog import RunDir
+from posterrl.runlog import CLUSTER_FILE, RunDir
 from reward_server.batching import DynamicBatcher
 from reward_server.registry import JOURNAL_FILE, Journal, RegistryError, RewardRegistry, RewardResult, ScorerSpec
 
 NAMESPACE = "posterrl"
 GIL_SWITCH_INTERVAL_S = 0.0002
-CLUSTER_FILE = "cluster.json"  # where a run says which Ray cluster it lives in, for `posterrl reward`
 log = logging.getLogger("posterrl.reward_server")
 
 
@@ -162,7 +161,10 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
 def write_cluster_file(run: RunDir) -> None:
     info = {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
             "reward_server": server_name(run.root)}
-    (run.root / CLUSTER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    path = run.root / CLUSTER_FILE  # write then rename: `posterrl reward` never reads a half-written file
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def find_reward_server(run_dir: str | Path) -> ray.actor.ActorHandle:

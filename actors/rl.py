@@ -26,7 +26,7 @@ from actors.weight_sync import Publication, WeightSync
 from learner.data import rl_batches, rl_prompts
 from learner.nft import NoRetirement, PromptRetirement
 from learner.scoring import EpochScores, score_epoch
-from posterrl.checkpoints import LATEST_FILE
+from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.experience import Experience, RlSample
@@ -119,7 +119,7 @@ class RlStage:
             else NoRetirement())
         self.start_epoch, self.base_step = 0, ctx.global_step
         self.history: list[dict[str, Any]] = []  # one record per epoch: the stage's figures in summary.json
-        if ctx.resume and (self.checkpoint_dir / LATEST_FILE).is_file():
+        if ctx.resume and latest_checkpoint(self.checkpoint_dir) is not None:  # a torn latest.json stops here
             state = self.learners.call("load_checkpoint", str(self.checkpoint_dir))[0]
             self.start_epoch, self.base_step, self.history = state["epoch"], state["base_step"], state["history"]
             self.retirement.load(state["retirement"])

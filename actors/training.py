@@ -10,7 +10,7 @@ from typing import Any
 from actors.context import PipelineContext
 from actors.evaluation import evaluate
 from learner.data import BatchPlan
-from posterrl.checkpoints import LATEST_FILE
+from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError, DistillConfig, SftConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
@@ -29,7 +29,7 @@ def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task:
     group.start(task, lc.seed, **task_inputs)
     checkpoint_dir = ctx.run.checkpoints / "deepspeed" / name
     start = 0
-    if ctx.resume and (checkpoint_dir / LATEST_FILE).is_file():
+    if ctx.resume and latest_checkpoint(checkpoint_dir) is not None:  # a torn latest.json stops here, named
         start = group.call("load_checkpoint", str(checkpoint_dir))[0]["data_position"]
         ctx.console.print(f"{name}: resumed from {checkpoint_dir} at step {start}")
     base_step = ctx.global_step  # TensorBoard x of this stage's step 0

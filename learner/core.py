@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.distributed import deepspeed, deepspeed_config, dist, free_address, join_process_group, warmup_lambda
 from learner.tasks import TASKS, NftTask, RewardModelTask, TaskState, TrainingTask
-from posterrl.checkpoints import LATEST_FILE
+from posterrl.checkpoints import LATEST_FILE, read_latest
 from posterrl.config import Config
 from posterrl.models.samples import PreferencePair
 from posterrl.policy import quiet_model_libraries
@@ -200,7 +200,7 @@ class Learner:
         """Restore the newest complete checkpoint; returns its client state (step, data position...)."""
         task = self._running()
         root = Path(directory)
-        tag = json.loads((root / LATEST_FILE).read_text())["tag"]
+        tag = read_latest(root)["tag"]
         _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
         rng = torch.load(root / tag / f"rng_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])

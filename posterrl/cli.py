@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from posterrl.config import Config, ConfigDeprecationWarning, load_config
+from posterrl.config import Config, ConfigDeprecationWarning, DataConfig, load_config
+from posterrl.config.schema import field_range
+from posterrl.config.validate import name_problem, scorer_problems, url_problem, weight_problem
 from posterrl.errors import UserError
 from posterrl.names import JUDGE_BACKENDS, SCORER_KINDS, SOLVER_NAMES
 
@@ -56,9 +59,35 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_reward_change(args: argparse.Namespace) -> None:
+    """What `posterrl reward list|add|swap|remove|set-weight` can check before joining the run's cluster: the
+    run directory, the change's options (the same checks as the config's reward.scorers), the Ray address in
+    RUN/cluster.json (filled into args.address)."""
+    run_dir, command = Path(args.run), args.reward_command
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such run directory")
+    problems: list[str | None] = []
+    if command == "add":
+        problems += scorer_problems(args.name, args.kind, args.weight, args.path, args.backend, args.url, flag="--")
+    elif command == "swap":
+        problems += [name_problem(args.name, "--"), url_problem(args.url, "--")]
+    elif command == "set-weight":
+        problems += [name_problem(args.name, "--"), weight_problem(args.weight, "--")]
+    elif command == "remove":
+        problems += [name_problem(args.name, "--")]
+    found = [problem for problem in problems if problem]
+    if found:
+        raise UserError(f"posterrl reward {command}: {'; '.join(found)}. Nothing was sent to the run")
+    if not args.address:
+        from posterrl.runlog import read_cluster_file
+
+        args.address = read_cluster_file(run_dir)["address"]
+
+
 def cmd_reward(args: argparse.Namespace) -> int:
     if args.reward_command == "train":
         return cmd_stage(args)
+    check_reward_change(args)  # before Ray is imported
     from actors.reward_cli import run_reward_command  # imports ray: only for a live change
 
     return run_reward_command(args, console)
@@ -78,31 +107,71 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_dir(path: Path, option: str, given: Path | None = None) -> Path:
+    """Create `path`, a directory a command writes into, or a UserError naming the option, what was given for it
+    (`given`, default `path`) and why not (a file on the way, no permission), before any work is done."""
+    where = f"{option} {given or path}"
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UserError(f"{where}: {ancestor} is a file, not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{where}: cannot write to {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def check_count(value: int, option: str, what: str) -> None:
+    if value < 1:
+        raise UserError(f"{option} {value}: expected a number of {what} >= 1")
+
+
+def check_poster_size(size: int, option: str = "--size") -> None:
+    """The bounds of data.size (posterrl/config/schema.py), so the command makes what a run could."""
+    low, high = field_range(DataConfig, "size")
+    if not low <= size <= high:
+        raise UserError(f"{option} {size}: expected a poster size from {low} to {high} px (the range of data.size)")
+
+
 def cmd_data_generate(args: argparse.Namespace) -> int:
-    from posterrl.data.tasks import TASKS, generate_dataset
+    from posterrl.data.tasks import TASKS, check_split, generate_dataset
 
     unknown = sorted(set(args.tasks or ()) - set(TASKS))
     if unknown:
         raise UserError(f"--tasks {unknown}: expected names from {', '.join(TASKS)}")
-    manifest = generate_dataset(args.out, n=args.n, seed=args.seed, size=args.size, split=args.split,
-                                tasks=tuple(args.tasks or TASKS))
+    check_count(args.n, "--n", "posters")
+    check_poster_size(args.size)
+    check_split(args.split, "--split")
+    manifest = generate_dataset(output_dir(args.out, "--out"), n=args.n, seed=args.seed, size=args.size,
+                                split=args.split, tasks=tuple(args.tasks or TASKS))
     console.print(f"wrote {manifest}")
     return 0
 
 
 def cmd_data_show(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from posterrl.data.manifest import load_manifest, summarize_skips
     from posterrl.data.sheet import contact_sheet, task_counts
 
     path = Path(args.path)
     manifest = path / "manifest.jsonl" if path.is_dir() else path
+    out = Path(args.out) if args.out else manifest.parent / "contact_sheet.png"
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; expected the contact sheet's file name, e.g. {out}/sheet.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {out}: expected an image file name such as contact_sheet.png")
     load = load_manifest(manifest)
+    output_dir(out.parent, "--out", given=out)
     if load.skipped:
         console.print(f"[yellow]{summarize_skips(load)}")
     for task, count in task_counts(load.rows).items():
         console.print(f"{task:>16}: {count}")
     console.print(f"{'total':>16}: {len(load.rows)}")
-    out = Path(args.out) if args.out else manifest.parent / "contact_sheet.png"
     contact_sheet(load.rows, out)
     console.print(f"contact sheet: {out}")
     return 0
@@ -118,12 +187,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from posterrl.data.tasks import build_samples, write_samples
     from posterrl.flow import SamplerConfig
     from posterrl.images import labelled_grid
+    from posterrl.policy import PolicySpec
     from rollout.worker import RolloutWorker
 
-    worker = RolloutWorker(checkpoint=args.checkpoint)
-    spec = worker.policy.spec
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    spec = PolicySpec.load(args.checkpoint)  # the spec alone: the input is checked before the weights load
+    if args.steps is not None:
+        check_count(args.steps, "--steps", "ODE steps")
+    if not args.manifest:
+        check_count(args.n, "--n", "prompts")
+        if args.size is not None:
+            check_poster_size(args.size)
+    out = output_dir(Path(args.out), "--out")
     if args.manifest:
         manifest = Path(args.manifest)
     else:
@@ -134,9 +208,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             rows.extend(write_samples(samples, inputs_dir))
         manifest = inputs_dir / "manifest.jsonl"
         write_manifest(rows, manifest)
-    load = load_manifest(manifest)
+    load = load_manifest(manifest, max_inputs=spec.max_inputs)
     if load.skipped:
         console.print(f"[yellow]{summarize_skips(load)}")
+    worker = RolloutWorker(checkpoint=args.checkpoint)
 
     sampler = SamplerConfig(args.solver or spec.sampler.solver, args.steps or spec.sampler.num_steps,
                             spec.sampler.shift)
@@ -263,9 +338,37 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
     weight.add_argument("--weight", type=float, required=True)
 
 
+def _is_override(item: str) -> bool:
+    return "=" in item and not item.startswith("-")
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """build_parser's namespace, with `key=value` overrides anywhere after the subcommand (before or after
+    CONFIG and the options) for the commands that take them; anything else unknown is an error, as with
+    parse_args (exit 2 with the usage)."""
+    parser = parser or build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        tokens = [args.config, *args.overrides, *extras]  # command-line order: argparse took the first ones
+        positional = 1 + len(args.overrides)
+        pick = 0
+        if _is_override(tokens[0]) and not Path(tokens[0]).is_file():  # an override came before CONFIG
+            pick = next((i for i, t in enumerate(tokens) if not t.startswith("-") and not _is_override(t)), 0)
+        args.config = tokens[pick]
+        if _is_override(args.config) and not Path(args.config).is_file():
+            parser.error(f"{args.command}: expected CONFIG (a YAML file) besides the overrides {tokens}")
+        args.overrides = [t for i, t in enumerate(tokens) if i != pick and (i < positional or _is_override(t))]
+        extras = [t for i, t in enumerate(tokens) if i >= positional and i != pick and not _is_override(t)]
+    if extras:
+        hint = ("; key=value overrides go with run, sft, distill, rl, reward train and config only"
+                if any(_is_override(e) for e in extras) else "")
+        parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     if getattr(args, "task", None):
         from posterrl.data.tasks import TASKS
 

@@ -60,6 +60,19 @@ class PolicySpec:
     def tokens_per_image(self) -> int:
         return (self.resolution // self.patch_size) ** 2
 
+    @classmethod
+    def load(cls, directory: str | Path) -> PolicySpec:
+        """The spec of an exported policy (its posterrl_policy.json), without loading any weights."""
+        directory = Path(directory)
+        spec_path = directory / SPEC_FILE
+        if not spec_path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: not an exported posterrl policy (no {SPEC_FILE}); pass a directory "
+                "written under <run_dir>/checkpoints/<stage>/"
+            )
+        raw = json.loads(spec_path.read_text())
+        return cls(**{**raw, "sampler": SamplerConfig.from_dict(raw["sampler"])})
+
 
 @dataclass
 class Condition:
@@ -227,14 +240,7 @@ class EditPolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> EditPolicy:
         directory = Path(directory)
-        spec_path = directory / SPEC_FILE
-        if not spec_path.is_file():
-            raise FileNotFoundError(
-                f"{directory}: not an exported posterrl policy (no {SPEC_FILE}); pass a directory "
-                "written under <run_dir>/checkpoints/<stage>/"
-            )
-        raw = json.loads(spec_path.read_text())
-        spec = PolicySpec(**{**raw, "sampler": SamplerConfig.from_dict(raw["sampler"])})
+        spec = PolicySpec.load(directory)
         transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
         text_encoder = T5EncoderModel.from_pretrained(directory / "text_encoder")
         tokenizer = ByT5Tokenizer.from_pretrained(directory / "tokenizer")

@@ -5,6 +5,8 @@
     <run_dir>/checkpoints/    <stage>/ exported policies (diffusers layout), DeepSpeed states
     <run_dir>/data/           generated data (unless data.dir points elsewhere)
     <run_dir>/summary.json    per stage figures, per task gold metrics
+    <run_dir>/cluster.json    the Ray address of the running job (written by its reward server) for
+                              `posterrl reward ...`
 """
 
 from __future__ import annotations
@@ -18,6 +20,30 @@ from typing import Any
 import yaml
 
 from posterrl.config import Config
+from posterrl.errors import UserError
+
+CLUSTER_FILE = "cluster.json"  # where a run says which Ray cluster it lives in, for `posterrl reward`
+
+
+class RunDirError(UserError):
+    """A run directory, or a file in it, that is not what a command needs; the message names the path."""
+
+
+def read_cluster_file(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/cluster.json, checked: a JSON object with a non-empty string "address"."""
+    path = Path(run_dir) / CLUSTER_FILE
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist: the run has not started its reward server yet, or --run is not "
+                          "a run directory; pass --address ADDR to name the Ray cluster")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path} is empty or torn ({type(exc).__name__}: {exc}): the run may not be running "
+                          "(or is starting right now); check the run, or pass --address ADDR") from None
+    if not isinstance(info, dict) or not isinstance(info.get("address"), str) or not info["address"]:
+        raise RunDirError(f"{path} holds no Ray address (expected a JSON object with \"address\"): the run may "
+                          "not be running; check the run, or pass --address ADDR")
+    return info
 
 
 class RunDir:

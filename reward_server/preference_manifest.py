@@ -23,10 +23,14 @@ class _BadRow(Exception):
     pass
 
 
-def _image(root: Path, value: object, key: str):
+def _path(root: Path, value: object, key: str) -> Path:
     if not isinstance(value, str) or not value:
         raise _BadRow(f"'{key}' must be an image path (a non-empty string), got {value!r}")
-    path = Path(value) if Path(value).is_absolute() else root / value
+    return Path(value) if Path(value).is_absolute() else root / value
+
+
+def _image(root: Path, value: object, key: str):
+    path = _path(root, value, key)
     if not path.is_file():
         raise _BadRow(f"'{key}' image {path} does not exist")
     try:
@@ -51,6 +55,9 @@ def _parse(record: object, root: Path) -> PreferencePair:
     tie = record.get("tie", False)
     if not isinstance(tie, bool):
         raise _BadRow(f"'tie' must be true or false, got {tie!r}")
+    chosen, rejected = _path(root, record["chosen"], "chosen"), _path(root, record["rejected"], "rejected")
+    if chosen.resolve() == rejected.resolve():
+        raise _BadRow(f"'chosen' and 'rejected' are the same image {chosen}: the pair prefers nothing")
     return PreferencePair(
         pair_id=str(record["id"]), task=record["task"], instruction=record["instruction"],
         inputs=[_image(root, v, f"inputs[{i}]") for i, v in enumerate(inputs)],
@@ -59,12 +66,24 @@ def _parse(record: object, root: Path) -> PreferencePair:
 
 
 def load_preference_manifest(path: str | Path) -> tuple[list[PreferencePair], int, list[str]]:
-    """(pairs, number of skipped rows, one reason per skipped row naming the file and line)."""
+    """(pairs, number of skipped rows, one reason per skipped row naming the file and line).
+
+    A manifest without a single usable pair is a ManifestError (with the first reasons): the reward stage
+    stops there instead of training on the policy's pairs alone as if the file had been read.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"preference manifest {path}: no such file")
-    pairs, reasons = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"preference manifest {path}:{bad_line}: not UTF-8 text ({exc.reason}); a manifest is "
+                            "JSON lines in UTF-8") from None
+    pairs: list[PreferencePair] = []
+    reasons: list[str] = []
+    first_line_of_id: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -73,7 +92,18 @@ def load_preference_manifest(path: str | Path) -> tuple[list[PreferencePair], in
             reasons.append(f"{path}:{number}: not valid JSON ({exc.msg})")
             continue
         try:
-            pairs.append(_parse(record, path.parent))
+            pair = _parse(record, path.parent)
         except _BadRow as bad:
             reasons.append(f"{path}:{number}: {bad}")
+            continue
+        if pair.pair_id in first_line_of_id:
+            reasons.append(f"{path}:{number}: duplicate id {pair.pair_id!r} (first seen on line "
+                           f"{first_line_of_id[pair.pair_id]})")
+            continue
+        first_line_of_id[pair.pair_id] = number
+        pairs.append(pair)
+    if not pairs:
+        shown = "".join(f"\n  - {reason}" for reason in reasons[:5])
+        raise ManifestError(f"preference manifest {path} has no usable pair ({len(reasons)} rows skipped)"
+                            + (f"; first reasons:{shown}" if shown else ""))
     return pairs, len(reasons), reasons

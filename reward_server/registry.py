@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from posterrl.config.validate import scorer_option_problems, scorer_value_problems, weight_problem
 from posterrl.errors import UserError
 from posterrl.models.samples import EditSample
 from posterrl.names import SCORER_KINDS
@@ -47,8 +48,17 @@ class ScorerSpec:
     url: str | None = None
 
 
+def spec_problems(spec: ScorerSpec) -> list[str]:
+    """What is wrong with a spec whatever loads it (name, kind, finite weight, http(s) url): the same check as
+    the config's reward.scorers and `posterrl reward add` (posterrl/config/validate.py)."""
+    return scorer_value_problems(spec.name, spec.kind, spec.weight, spec.url)
+
+
 def load_scorer(spec: ScorerSpec) -> Scorer:
     """The one place that maps a scorer kind to its class (imported lazily: a judge may need vllm)."""
+    problems = scorer_option_problems(spec.kind, spec.path, spec.backend, spec.url)
+    if problems:
+        raise RegistryError(f"scorer {spec.name!r}: {'; '.join(problems)}")
     if spec.kind == "bradley_terry":
         from reward_server.bradley_terry import BradleyTerryScorer
 
@@ -229,11 +239,9 @@ class RewardRegistry:
         with self._change_lock:
             if spec.name in self.snapshot():
                 raise RegistryError(f"a scorer named {spec.name!r} is already registered; use swap to replace it")
-            if spec.kind not in KINDS:
-                raise RegistryError(
-                    f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
-            if not math.isfinite(spec.weight):
-                raise RegistryError(f"scorer {spec.name!r}: weight must be a finite number, got {spec.weight}")
+            problems = spec_problems(spec)
+            if problems:
+                raise RegistryError(f"scorer {spec.name!r}: {'; '.join(problems)}")
             return self._commit(spec, self._load_and_probe(spec), "add")
 
     def swap(self, name: str, path: str | None = None, backend: str | None = None, url: str | None = None) -> Entry:
@@ -243,6 +251,9 @@ class RewardRegistry:
             spec = replace(old.spec, path=path if path is not None else old.spec.path,
                            backend=backend if backend is not None else old.spec.backend,
                            url=url if url is not None else old.spec.url)
+            problems = spec_problems(spec)
+            if problems:
+                raise RegistryError(f"scorer {name!r}: {'; '.join(problems)}")
             return self._commit(spec, self._load_and_probe(spec), "swap")
 
     def remove(self, name: str) -> dict:
@@ -255,8 +266,9 @@ class RewardRegistry:
 
     def set_weight(self, name: str, weight: float) -> Entry:
         """Re-weight without reloading: the version stays, the combined reward changes."""
-        if not math.isfinite(weight):
-            raise RegistryError(f"scorer {name!r}: weight must be a finite number, got {weight}")
+        problem = weight_problem(weight)
+        if problem:
+            raise RegistryError(f"scorer {name!r}: {problem}")
         with self._change_lock:
             with self._lock:
                 entry = self._require(name)

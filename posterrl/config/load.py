@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,40 @@ def legacy_targets(parts: list[str]) -> tuple[str, list[list[str]]] | None:
 # ---------------------------------------------------------------- overrides
 
 
+# One step of an override's key path: a key, then any list indices, e.g. `scorers[0]`.
+_KEY_STEP = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def _steps(parts: list[str]) -> list[str | int]:
+    """['reward', 'scorers[0]', 'weight'] -> ['reward', 'scorers', 0, 'weight'] (a part that is all digits is an
+    index too: reward.scorers.0.weight)."""
+    steps: list[str | int] = []
+    for part in parts:
+        match = _KEY_STEP.fullmatch(part)
+        assert match is not None  # parse_overrides checked every part
+        key, indices = match.groups()
+        steps.append(int(key) if key.isdigit() else key)
+        steps += [int(i) for i in re.findall(r"\d+", indices)]
+    return steps
+
+
+def _key_text(steps: list[str | int] | tuple) -> str:
+    """('reward', 'scorers', 0, 'weight') -> 'reward.scorers[0].weight'."""
+    text = ""
+    for step in steps:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    return text
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. sft.lr=1e-4")
         key, raw = item.split("=", 1)
-        if not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"override {item!r}: malformed key path {key!r}")
+        if not key or any(not _KEY_STEP.fullmatch(p) for p in key.split(".")):
+            raise ConfigError(f"override {item!r}: malformed key path {key!r} (dotted keys, list entries as "
+                              "reward.scorers[0].weight)")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
@@ -154,15 +181,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item, old_key, new_keys in moves:
         _deprecated(f"override {item}", old_key, new_keys)
     for parts, value in planned:
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {'.'.join(parts)}: '{p}' is not a section")
+        steps = _steps(parts)
+        node: Any = out
+        for depth, step in enumerate(steps):
+            last = depth == len(steps) - 1
+            where = f"override {'.'.join(parts)}: {_key_text(steps[: depth + 1])!r}"
+            if isinstance(step, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"{where} indexes {_key_text(steps[:depth]) or 'the config'}, "
+                                      "which is not a list")
+                if step >= len(node):
+                    raise ConfigError(f"{where}: {_key_text(steps[:depth])} has {len(node)} entries "
+                                      f"(indices 0..{len(node) - 1})")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"{where}: {_key_text(steps[:depth])!r} is not a section")
+            if last:
+                node[step] = value
+                break
+            child = node[step] if isinstance(step, int) else node.get(step)
+            if child is None and isinstance(step, str):
+                child = node[step] = [] if isinstance(steps[depth + 1], int) else {}
             node = child
-        node[parts[-1]] = value
     return out
 
 
@@ -199,16 +238,16 @@ def _suggestion(loc: tuple, known: list[str]) -> str:
     if close[0] in moved:
         old, new = ".".join([*section, close[0]]), moved[close[0]]
         return f"; did you mean '{new[0]}'? ({old} moved to {' and '.join(new)})"
-    return f"; did you mean '{'.'.join([*section, close[0]])}'?"
+    return f"; did you mean '{_key_text([*loc[:-1], close[0]])}'?"
 
 
 def _format_error(err: Any, source: str) -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = _key_text(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         known = _known_keys(Config, loc[:-1])
-        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        where = _key_text(loc[:-1]) or "the top level"
         return f"{source}: unknown key '{key}'{_suggestion(loc, known)} (known keys in {where}: {', '.join(known)})"
     if kind == "value_error" and not loc:
         return f"{source}: {err['msg'].removeprefix('Value error, ')}"
@@ -221,6 +260,8 @@ def _expected(err: Any) -> str:
     kind = err["type"]
     if kind == "literal_error":
         return f"one of {ctx.get('expected')}"
+    if kind == "finite_number":
+        return "a finite number (not .nan or .inf)"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))

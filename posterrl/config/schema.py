@@ -15,7 +15,9 @@ from posterrl.names import JudgeBackend, ModelKind, ScorerKind, SolverName, Stag
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: YAML's .nan and .inf (a weight, a learning rate, rl.adv_max...) are rejected in every
+    # section with the key named, instead of turning every loss or reward downstream into NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _all_tasks() -> list[TaskName]:
@@ -38,6 +40,9 @@ class DataConfig(_Section):
     val_manifest: str | None = None
     tasks: list[TaskName] = Field(default_factory=_all_tasks, min_length=1)
     chunks: int = Field(4, ge=1)  # parallel generation tasks on the cluster
+    # A manifest (generated or user) whose share of bad rows (skipped, each with its reason) is above this
+    # stops the run before any training: so many bad rows usually mean a wrong file or image folder.
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
 
 
 class TransformerConfig(_Section):
@@ -59,7 +64,10 @@ class TextEncoderConfig(_Section):
 class ModelConfig(_Section):
     kind: ModelKind = "tiny_flux"
     pretrained_path: str | None = None  # local directory for real models; nothing is downloaded
-    resolution: int = Field(64, ge=16)  # square canvas the policy works on, px
+    # Square canvas the policy works on, px. At most 2048 (as data.size): the tokens per image grow with its
+    # square, (resolution / patch_size)^2, and the sequence holds 1 + max_inputs images, so a larger canvas
+    # is a typo (an extra digit) rather than a model any machine here could hold.
+    resolution: int = Field(64, ge=16, le=2048)
     patch_size: int = Field(4, ge=1)
     max_inputs: int = Field(3, ge=1)  # reference images per sample
     seed: int = 0  # initialisation of a policy built from config
@@ -252,3 +260,13 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def field_range(section: type[BaseModel], name: str) -> tuple[Any, Any]:
+    """(lowest, highest) a section's field accepts (None where open), for code outside the config that takes
+    the same quantity, e.g. `posterrl data generate --size` and data.size."""
+    low = high = None
+    for bound in section.model_fields[name].metadata:
+        low = getattr(bound, "ge", low)
+        high = getattr(bound, "le", high)
+    return low, high

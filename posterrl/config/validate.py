@@ -7,11 +7,14 @@ does not import the schema at run time (the schema imports it).
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from posterrl.names import STAGE_ORDER
+from posterrl.names import JUDGE_BACKENDS, SCORER_KINDS, STAGE_ORDER
 
 if TYPE_CHECKING:
     from posterrl.config.schema import Config
@@ -110,22 +113,82 @@ def cluster_problems(cfg: Config) -> list[str]:
     return []
 
 
+# A scorer's name is a registry key, part of metric names (reward/<name>/...) and of paths.
+SCORER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Kinds that load no model: path, backend and url mean nothing to them.
+RULE_KINDS = ("preservation", "ocr_title")
+
+
+def scorer_value_problems(name: str, kind: str, weight: float, url: str | None, flag: str = "") -> list[str]:
+    """What is wrong with a scorer's name, kind, weight and url whatever loads it: the config's
+    reward.scorers[i], `posterrl reward add|swap` and the registry (reward_server/registry.py) all check here.
+    `flag` prefixes each key as the caller spells it: "" for config keys, "--" for command-line options."""
+    kind_problem = None if kind in SCORER_KINDS else f"{flag}kind {kind!r}: expected one of {', '.join(SCORER_KINDS)}"
+    problems = (name_problem(name, flag), kind_problem, weight_problem(weight, flag), url_problem(url, flag))
+    return [problem for problem in problems if problem]
+
+
+def name_problem(name: str, flag: str = "") -> str | None:
+    if isinstance(name, str) and SCORER_NAME.fullmatch(name):
+        return None
+    return (f"{flag}name {name!r}: expected a non-empty name of letters, digits, '_', '.' and '-' "
+            "(it becomes part of metric names and paths)")
+
+
+def weight_problem(weight: float, flag: str = "") -> str | None:
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight):
+        return None
+    return f"{flag}weight {weight!r}: expected a finite number"
+
+
+def url_problem(url: str | None, flag: str = "") -> str | None:
+    """A judge's server URL must be http(s) with a host (never file:// or a bare path)."""
+    if url is None:
+        return None
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"{flag}url {url!r}: expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1"
+    return None
+
+
+def scorer_option_problems(kind: str, path: str | None, backend: str | None, url: str | None,
+                           flag: str = "") -> list[str]:
+    """Which options a kind takes: vlm_judge needs backend and path (and url for backend openai); backend and
+    url apply to vlm_judge only; the rule kinds load nothing, so they take no path either."""
+    problems = []
+    if kind == "vlm_judge":
+        if backend is None or path is None:
+            problems.append(f"kind vlm_judge needs {flag}backend ({', '.join(JUDGE_BACKENDS)}) and {flag}path "
+                            "(a local model directory, or the served model's name for openai)")
+        if backend == "openai" and not url:
+            problems.append(f"{flag}backend openai needs {flag}url, e.g. http://127.0.0.1:8000/v1")
+        return problems
+    given = [option for option, value in (("backend", backend), ("url", url)) if value is not None]
+    if kind in RULE_KINDS and path is not None:
+        given.insert(0, "path")
+    if given:
+        options = " and ".join(f"{flag}{option}" for option in given)
+        problems.append(f"{options} {'does' if len(given) == 1 else 'do'} not apply to kind {kind} "
+                        f"({'it loads no model' if kind in RULE_KINDS else 'backend and url are for vlm_judge'})")
+    return problems
+
+
+def scorer_problems(name: str, kind: str, weight: float, path: str | None, backend: str | None,
+                    url: str | None, flag: str = "") -> list[str]:
+    """Every check of one scorer entry: its values, then the options its kind takes."""
+    return scorer_value_problems(name, kind, weight, url, flag) + scorer_option_problems(kind, path, backend, url,
+                                                                                         flag)
+
+
 def reward_problems(cfg: Config) -> list[str]:
     problems = []
     names = [s.name for s in cfg.reward.scorers]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         problems.append(f"reward.scorers has duplicate names {dupes}")
-    for index, scorer in enumerate(cfg.reward.scorers):
-        where = f"reward.scorers[{index}] ({scorer.name})"
-        if scorer.kind == "vlm_judge":
-            if scorer.backend is None or scorer.path is None:
-                problems.append(f"{where}: kind vlm_judge needs backend (transformers, vllm or openai) and path "
-                                "(a local model directory, or the served model's name for openai)")
-            if scorer.backend == "openai" and not scorer.url:
-                problems.append(f"{where}: backend openai needs url, e.g. http://127.0.0.1:8000/v1")
-        elif scorer.backend is not None or scorer.url is not None:
-            problems.append(f"{where}: backend and url only apply to kind vlm_judge, not {scorer.kind}")
+    for index, s in enumerate(cfg.reward.scorers):
+        where = f"reward.scorers[{index}] ({s.name!r})"
+        problems += [f"{where}: {p}" for p in scorer_problems(s.name, s.kind, s.weight, s.path, s.backend, s.url)]
     if "reward" in cfg.stages and not any(s.kind == "bradley_terry" and s.path is None for s in cfg.reward.scorers):
         problems.append("stages has 'reward' but reward.scorers has no bradley_terry scorer without a path "
                         "to serve the model it trains, e.g. {name: bt, kind: bradley_terry, weight: 1.0}")

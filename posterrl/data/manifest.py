@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable
+import math
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,15 +75,31 @@ def _image_problem(path: Path) -> str | None:
     if not path.is_file():
         return "does not exist"
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            # Above Image.MAX_IMAGE_PIXELS PIL only warns (an error from twice that): either way a row whose
+            # header claims such a size is a decompression bomb, or at least no poster, and is skipped here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"is too large to open ({error})"
     except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not an image"
         return f"is not a readable image ({error})"
     return None
 
 
+def _aspect_problem(value: object) -> str | None:
+    """meta.target_aspect, when present, is [width, height]: two finite numbers > 0 (rescaling: the output's
+    aspect; a 0 or a string here would divide by zero or fail inside a rollout actor mid-run)."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in value)):
+        return None
+    return f"'meta.target_aspect' must be [width, height], two numbers > 0, got {json.dumps(value)}"
+
+
 def _parse_row(record: object, root: Path, require_target: bool, check_images: bool,
-               image_problems: dict[Path, str | None]) -> ManifestRow:
+               image_problems: dict[Path, str | None], max_inputs: int | None) -> ManifestRow:
     if not isinstance(record, dict):
         raise _BadRow(f"row is a JSON {type(record).__name__}, not an object")
     for key in ("id", "task", "instruction", "inputs") + (("target",) if require_target else ()):
@@ -101,6 +119,8 @@ def _parse_row(record: object, root: Path, require_target: bool, check_images: b
     if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) and p for p in inputs):
         got = type(inputs).__name__ if not isinstance(inputs, list) else "an empty or non-string list"
         raise _BadRow(f"'inputs' must be a non-empty list of image paths, got {got}")
+    if max_inputs is not None and len(inputs) > max_inputs:
+        raise _BadRow(f"{len(inputs)} input images, more than model.max_inputs={max_inputs}")
     target = record.get("target")
     if target is not None and (not isinstance(target, str) or not target):
         raise _BadRow(f"'target' must be an image path, got {type(target).__name__}")
@@ -109,6 +129,10 @@ def _parse_row(record: object, root: Path, require_target: bool, check_images: b
         meta = {}
     if not isinstance(meta, dict):
         raise _BadRow(f"'meta' must be a JSON object, got {type(meta).__name__}")
+    if "target_aspect" in meta:
+        problem = _aspect_problem(meta["target_aspect"])
+        if problem:
+            raise _BadRow(problem)
 
     labelled = [(f"input image {p!r}", p) for p in inputs] + ([(f"target image {target!r}", target)] if target else [])
     resolved: list[Path] = []
@@ -124,38 +148,53 @@ def _parse_row(record: object, root: Path, require_target: bool, check_images: b
                        inputs=resolved[: len(inputs)], target=resolved[len(inputs)] if target else None, meta=meta)
 
 
-def load_manifest(path: str | Path, require_target: bool = False, check_images: bool = True) -> ManifestLoad:
-    """Read a manifest, skipping and counting bad rows; raise ManifestError when none is usable."""
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (a leading byte-order mark is dropped); ManifestError naming the
+    file and line at the first byte that is not UTF-8 (an image or a spreadsheet passed as the manifest)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ManifestError(f"manifest {path} line {number} is not UTF-8 text ({error.reason} at byte "
+                                    f"{error.start} of the line): a manifest is JSON lines in UTF-8") from None
+
+
+def load_manifest(path: str | Path, require_target: bool = False, check_images: bool = True,
+                  max_inputs: int | None = None) -> ManifestLoad:
+    """Read a manifest, skipping and counting bad rows; raise ManifestError when none is usable.
+
+    max_inputs: rows with more input images are skipped too (model.max_inputs, where the model is known).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
+        raise ManifestError(f"manifest not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     root = path.parent
     rows: list[ManifestRow] = []
     reasons: list[str] = []
     first_line_of_id: dict[str, int] = {}
     image_problems: dict[Path, str | None] = {}  # an image shared by many rows is checked once
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                reasons.append(f"{where}: invalid JSON ({error.msg} at column {error.colno})")
-                continue
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                where += f" (id {record['id']!r})"
-            try:
-                row = _parse_row(record, root, require_target, check_images, image_problems)
-            except _BadRow as problem:
-                reasons.append(f"{where}: {problem}")
-                continue
-            if row.id in first_line_of_id:
-                reasons.append(f"{where}: duplicate id {row.id!r} (first seen on line {first_line_of_id[row.id]})")
-                continue
-            first_line_of_id[row.id] = line_number
-            rows.append(row)
+    for line_number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            reasons.append(f"{where}: invalid JSON ({error.msg} at column {error.colno})")
+            continue
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            where += f" (id {record['id']!r})"
+        try:
+            row = _parse_row(record, root, require_target, check_images, image_problems, max_inputs)
+        except _BadRow as problem:
+            reasons.append(f"{where}: {problem}")
+            continue
+        if row.id in first_line_of_id:
+            reasons.append(f"{where}: duplicate id {row.id!r} (first seen on line {first_line_of_id[row.id]})")
+            continue
+        first_line_of_id[row.id] = line_number
+        rows.append(row)
     load = ManifestLoad(rows=rows, skipped=len(reasons), reasons=reasons, path=path)
     if not rows:
         if not reasons:
@@ -163,6 +202,17 @@ def load_manifest(path: str | Path, require_target: bool = False, check_images: 
         raise ManifestError(f"manifest {path} has no usable row ({load.skipped} skipped); first reasons:\n"
                             + _reasons_block(reasons, REASONS_SHOWN_IN_ERRORS))
     return load
+
+
+def check_bad_fraction(load: ManifestLoad, max_fraction: float, key: str = "data.max_bad_fraction") -> None:
+    """ManifestError, with the counts and the first reasons, when more than `max_fraction` of the manifest's
+    rows were skipped: so many bad rows usually mean a wrong file or image folder, so the run stops before
+    any training instead of carrying on with what is left."""
+    if load.total and load.skipped / load.total > max_fraction:
+        raise ManifestError(f"manifest {load.path or ''}: {load.skipped} of {load.total} rows are bad "
+                            f"({load.skipped / load.total:.0%}), more than {key}={max_fraction:g}; fix the manifest, "
+                            f"or raise {key} to go on with the {len(load.rows)} good rows; first reasons:\n"
+                            + _reasons_block(load.reasons, REASONS_SHOWN_IN_ERRORS))
 
 
 def write_manifest(rows: Iterable[dict], path: str | Path) -> None:

@@ -8,6 +8,7 @@ of tasks gives the same samples as asking for all of them.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from posterrl.data.posters import (
     sample_spec,
 )
 from posterrl.data.render import render, render_entity, render_layout_sketch
+from posterrl.errors import UserError
 from posterrl.names import TASKS  # the task names, defined once (the config's data.tasks too)
 
 REGIME = {"extending": "local", "filling": "local", "rescaling": "local",
@@ -91,6 +93,17 @@ LAYOUT_PHRASES = {
     "title-bottom": "with the title below the artwork",
     "banner": "with the title on a colour band",
 }
+
+
+# A split names files (`images/<split>-NNNNNN-<task>_input0.png`) and row ids: a plain name, never a path.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_split(split: str, key: str = "split") -> str:
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
+        raise UserError(f"{key} {split!r}: expected a plain name of letters, digits, '_' and '-' (it becomes part "
+                        "of file names and row ids), e.g. train")
+    return split
 
 
 def check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
@@ -286,7 +299,7 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int = 0, size: int = 64,
                      start: int = 0, tasks: Iterable[str] = TASKS, progress: bool = True) -> Path:
     """Posters start..start+n-1, one sample of every task each; writes out_dir/manifest.jsonl
     (rows in index order) and returns its path."""
-    tasks = check_tasks(tasks)
+    tasks, split = check_tasks(tasks), check_split(split)
     out_dir = Path(out_dir)
     rows: list[dict] = []
     for index in tqdm(range(start, start + n), desc=f"posters ({split})", unit="poster", disable=not progress):

@@ -1,9 +1,13 @@
 """The data and config commands, driven through the real entry point in-process."""
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
-from posterrl.cli import main
+from posterrl.cli import main, parse_args
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import TASKS
 
@@ -45,3 +49,98 @@ def test_config_command_validates_and_prints_sizes(capsys):
 def test_sample_needs_a_source():
     with pytest.raises(SystemExit):
         main(["sample", "--checkpoint", "x", "--out", "y"])
+
+
+# ---------------------------------------------------------------- overrides anywhere after the subcommand
+
+# Each command line the README (Commands) and docs/reward_model.md show with overrides, the overrides placed
+# where the docs put them and elsewhere: (argv, what the namespace holds). No stage is run.
+OVERRIDE_LINES = [
+    # README: posterrl run CONFIG [key=value ...] [--run-dir DIR] [--address RAY_ADDRESS] [--resume]
+    ("run c.yaml sft.lr=1e-4 --run-dir runs/x --address auto --resume",
+     dict(command="run", config="c.yaml", overrides=["sft.lr=1e-4"], run_dir=Path("runs/x"), address="auto",
+          resume=True)),
+    ("run c.yaml --run-dir runs/x sft.lr=1e-4 --resume rollout.group_size=8",
+     dict(command="run", config="c.yaml", overrides=["sft.lr=1e-4", "rollout.group_size=8"], run_dir=Path("runs/x"),
+          resume=True)),
+    # README: posterrl run configs/tiny.yaml sft.lr=1e-4 rollout.group_size=8
+    ("run configs/tiny.yaml sft.lr=1e-4 rollout.group_size=8",
+     dict(command="run", config="configs/tiny.yaml", overrides=["sft.lr=1e-4", "rollout.group_size=8"],
+          run_dir=None, resume=False)),
+    # README: posterrl rl configs/tiny.yaml --run-dir runs/x rl.epochs=10 --resume
+    ("rl configs/tiny.yaml --run-dir runs/x rl.epochs=10 --resume",
+     dict(command="rl", config="configs/tiny.yaml", overrides=["rl.epochs=10"], run_dir=Path("runs/x"), resume=True)),
+    # README: posterrl sft CONFIG [key=value ...] [--run-dir DIR] [--resume]
+    ("sft c.yaml sft.steps=3 --run-dir runs/x --resume",
+     dict(command="sft", config="c.yaml", overrides=["sft.steps=3"], run_dir=Path("runs/x"), resume=True)),
+    ("sft c.yaml --run-dir runs/x sft.steps=3",
+     dict(command="sft", config="c.yaml", overrides=["sft.steps=3"], run_dir=Path("runs/x"), resume=False)),
+    # README: posterrl distill CONFIG --run-dir DIR [key=value ...] [--resume]
+    ("distill c.yaml --run-dir runs/x distill.steps=3 --resume",
+     dict(command="distill", config="c.yaml", overrides=["distill.steps=3"], run_dir=Path("runs/x"), resume=True)),
+    # README: posterrl rl CONFIG --run-dir DIR [key=value ...] [--resume]
+    ("rl c.yaml --run-dir runs/x rl.epochs=2 rl.mode=off_policy --resume",
+     dict(command="rl", config="c.yaml", overrides=["rl.epochs=2", "rl.mode=off_policy"], run_dir=Path("runs/x"),
+          resume=True)),
+    ("rl rl.epochs=2 --run-dir runs/x c.yaml",  # an override even before CONFIG
+     dict(command="rl", config="c.yaml", overrides=["rl.epochs=2"], run_dir=Path("runs/x"))),
+    # README: posterrl reward train CONFIG --run-dir DIR [key=value ...]
+    ("reward train c.yaml --run-dir runs/x reward_model.steps=5",
+     dict(command="reward", reward_command="train", config="c.yaml", overrides=["reward_model.steps=5"],
+          run_dir=Path("runs/x"))),
+    # docs/reward_model.md: posterrl reward train configs/tiny.yaml data.n_reward=400 ... (then --run-dir)
+    ("reward train configs/tiny.yaml data.n_reward=400 reward_model.difference_channels=true "
+     "reward_model.steps=1500 reward_model.batch_size=64 reward_model.eval_every=250 --run-dir runs/tiny",
+     dict(command="reward", reward_command="train", config="configs/tiny.yaml",
+          overrides=["data.n_reward=400", "reward_model.difference_channels=true", "reward_model.steps=1500",
+                     "reward_model.batch_size=64", "reward_model.eval_every=250"], run_dir=Path("runs/tiny"))),
+    # README: posterrl config CONFIG [key=value ...]
+    ("config c.yaml rollout.group_size=6 'rl.retire_threshold=0.9'",
+     dict(command="config", config="c.yaml", overrides=["rollout.group_size=6", "rl.retire_threshold=0.9"])),
+]
+
+
+@pytest.mark.parametrize("line, expected", OVERRIDE_LINES, ids=[line for line, _ in OVERRIDE_LINES])
+def test_overrides_parse_anywhere_after_the_subcommand(line, expected):
+    args = parse_args(shlex.split(line))
+    for key, value in expected.items():
+        assert getattr(args, key) == value, (key, getattr(args, key))
+
+
+def _documented_command_lines() -> list[str]:
+    """Every `posterrl ...` span with an override in README.md and docs/*.md (a span may wrap lines)."""
+    root = Path(__file__).parents[2]
+    spans = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        spans += [" ".join(m.split()) for m in re.findall(r"`(posterrl [^`]*)`", doc.read_text()) if "=" in m]
+    return spans
+
+
+@pytest.mark.parametrize("line", _documented_command_lines())
+def test_documented_command_lines_parse(line):
+    argv = shlex.split(line)[1:]
+    args = parse_args(argv)
+    assert args.config.endswith(".yaml")
+    assert args.overrides == [a for a in argv if "=" in a and not a.startswith("-")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("rl c.yaml --run-dir runs/x --bogus", "unrecognized arguments: --bogus"),
+    ("rl c.yaml --run-dir runs/x -x=1", "unrecognized arguments: -x=1"),
+    ("data generate --out d --n 1 sft.lr=1", "unrecognized arguments: sft.lr=1; key=value overrides go with"),
+    ("sample --checkpoint c --task filling --out o rollout.num_steps=2", "unrecognized arguments: rollout.num_steps=2"),
+    ("reward list --run r a=1", "unrecognized arguments: a=1"),
+    ("config a=1 b=2", "expected CONFIG"),
+])
+def test_unknown_arguments_are_still_errors(line, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(shlex.split(line))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_overrides_after_options_reach_the_config(capsys):
+    assert main(["config", "configs/tiny.yaml", "rollout.group_size=6"]) == 0
+    before = capsys.readouterr().out
+    assert main(["config", "rollout.group_size=6", "configs/tiny.yaml"]) == 0
+    assert capsys.readouterr().out == before

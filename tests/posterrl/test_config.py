@@ -293,3 +293,98 @@ def test_closed_lists_are_the_configs_choices():
     assert tuple(choices("reward", "add")["backend"]) == names.JUDGE_BACKENDS
     assert tuple(choices("reward", "swap")["backend"]) == names.JUDGE_BACKENDS
     assert tuple(choices("sample")["solver"]) == names.SOLVER_NAMES
+
+
+# ---------------------------------------------------------------- values no run can use
+
+
+def _float_keys():
+    """Every float field of every section (nested sections and the scorer list included), as a dotted key."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            args = typing.get_args(field.annotation)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, f"{prefix}{name}.")
+            elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+                yield from walk(args[0], f"{prefix}{name}[0].")
+            elif field.annotation is float or float in args:
+                yield prefix + name
+
+    return list(walk(Config, ""))
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_every_section_has_float_keys_to_check():
+    sections = {key.split(".")[0] for key in FLOAT_KEYS}
+    assert {"data", "rollout", "reward", "reward_model", "sft", "distill", "rl", "learner", "cluster"} <= sections
+    assert "reward.scorers[0].weight" in FLOAT_KEYS and "rl.retire_threshold" in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_floats_are_rejected_with_the_key(key, value):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/tiny.yaml", [f"{key}={value}"])
+    assert f"{key}: got " in str(error.value) and "expected a finite number" in str(error.value)
+
+
+def test_non_finite_float_in_a_file_names_file_and_key(tmp_path):
+    path = _write(tmp_path, "reward:\n  scorers: [{name: bt, kind: bradley_terry, weight: .nan}]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: reward.scorers\[0\].weight: got nan, expected a finite number"):
+        load_config(path)
+
+
+def test_resolution_has_an_upper_bound():
+    assert load_config("configs/tiny.yaml", ["model.resolution=2048", "data.size=2048"]).model.resolution == 2048
+    with pytest.raises(ConfigError, match=r"model.resolution: got 4096, expected a number <= 2048"):
+        load_config("configs/tiny.yaml", ["model.resolution=4096"])
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a b", "../x", "bt:1"])
+def test_scorer_names_must_be_plain(name):
+    with pytest.raises(ConfigError, match=r"reward.scorers\[0\] .*: name .*expected a non-empty name of letters"):
+        validate_dict({"reward": {"scorers": [{"name": name, "kind": "preservation"}]}})
+    assert validate_dict({"reward": {"scorers": [{"name": "bt-v2.1_x", "kind": "preservation"}]}})
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "127.0.0.1:8000/v1", "http://", "ftp://host/v1"])
+def test_judge_url_must_be_http(url):
+    scorer = {"name": "j", "kind": "vlm_judge", "backend": "openai", "path": "m", "url": url}
+    with pytest.raises(ConfigError, match=r"reward.scorers\[0\] \('j'\): url .*expected an http:// or https:// URL"):
+        validate_dict({"reward": {"scorers": [scorer]}})
+    assert validate_dict({"reward": {"scorers": [{**scorer, "url": "https://judge.example:8000/v1"}]}})
+
+
+@pytest.mark.parametrize("scorer, message", [
+    ({"kind": "preservation", "url": "http://x"}, "url does not apply to kind preservation"),
+    ({"kind": "ocr_title", "path": "m"}, "path does not apply to kind ocr_title"),
+    ({"kind": "bradley_terry", "backend": "vllm"}, "backend does not apply to kind bradley_terry"),
+    ({"kind": "vlm_judge", "path": "m"}, "kind vlm_judge needs backend"),
+    ({"kind": "vlm_judge", "path": "m", "backend": "openai"}, "backend openai needs url"),
+])
+def test_options_a_scorer_kind_does_not_take(scorer, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_dict({"reward": {"scorers": [{"name": "s", **scorer}]}})
+
+
+def test_overrides_reach_list_entries():
+    config = load_config("configs/tiny.yaml", ["reward.scorers[0].weight=0.5", "reward.scorers.0.name=bt2"])
+    assert (config.reward.scorers[0].weight, config.reward.scorers[0].name) == (0.5, "bt2")
+    with pytest.raises(ConfigError, match=r"reward.scorers has 1 entries"):
+        load_config("configs/tiny.yaml", ["reward.scorers[1].weight=1"])
+    with pytest.raises(ConfigError, match=r"indexes sft.lr, which is not a list"):
+        load_config("configs/tiny.yaml", ["sft.lr[0]=1"])
+    with pytest.raises(ConfigError, match="malformed key path"):
+        load_config("configs/tiny.yaml", ["reward.scorers[x].weight=1"])
+
+
+def test_data_max_bad_fraction():
+    assert Config().data.max_bad_fraction == 0.1
+    with pytest.raises(ConfigError, match=r"data.max_bad_fraction: got 1.5, expected a number <= 1"):
+        load_config("configs/tiny.yaml", ["data.max_bad_fraction=1.5"])

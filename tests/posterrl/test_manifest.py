@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from posterrl.data.manifest import ManifestError, load_manifest, summarize_skips, write_manifest
+from posterrl.data.manifest import ManifestError, check_bad_fraction, load_manifest, summarize_skips, write_manifest
 
 
 @pytest.fixture
@@ -110,3 +110,67 @@ def test_write_manifest_round_trips(tmp_path, image_dir):
     assert load.skipped == 0
     assert [(row.id, row.task, len(row.inputs)) for row in load.rows] == [("one", "filling", 1),
                                                                            ("two", "style-driven", 2)]
+
+
+# ---------------------------------------------------------------- bad input that used to crash later
+
+
+def test_non_utf8_manifest_is_an_error_naming_file_and_line(tmp_path, image_dir):
+    manifest = tmp_path / "latin1.jsonl"
+    manifest.write_bytes(json.dumps(_row("ok")).encode() + b"\n" + b'{"id": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ManifestError, match=r"latin1.jsonl line 2 is not UTF-8"):
+        load_manifest(manifest)
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(_row("ok")).encode() + b"\n")
+    assert [row.id for row in load_manifest(with_bom).rows] == ["ok"]  # a UTF-8 byte-order mark is fine
+
+
+def test_decompression_bomb_row_is_skipped_and_counted(tmp_path, image_dir, monkeypatch, bomb_png):
+    bomb_png(image_dir / "bomb.png")  # its header claims 10^10 pixels: PIL raises DecompressionBombError
+    Image.new("RGB", (12, 12)).save(image_dir / "big.png")
+    manifest = tmp_path / "manifest.jsonl"
+    _write_lines(manifest, [json.dumps(_row("ok")), json.dumps(_row("bomb", inputs=["images/bomb.png"])),
+                            json.dumps(_row("big", target="images/big.png"))])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the limit, under twice it (a warning)
+    load = load_manifest(manifest)
+    assert [row.id for row in load.rows] == ["ok"] and load.skipped == 2
+    assert "line 2 (id 'bomb'): input image 'images/bomb.png' is too large to open" in load.reasons[0]
+    assert "line 3 (id 'big'): target image 'images/big.png' is too large to open" in load.reasons[1]
+
+
+@pytest.mark.parametrize("aspect", [[0, 0], "wide", [-3, 4], [3], [3, 4, 5], [True, 1], [1, float("nan")],
+                                    None, [3, "4"]])
+def test_bad_target_aspect_row_is_skipped_and_counted(tmp_path, image_dir, aspect):
+    manifest = tmp_path / "manifest.jsonl"
+    _write_lines(manifest, [json.dumps(_row("ok", task="rescaling", meta={"target_aspect": [3, 4]})),
+                            json.dumps(_row("bad", task="rescaling", meta={"target_aspect": aspect}))])
+    load = load_manifest(manifest)
+    assert [row.id for row in load.rows] == ["ok"] and load.skipped == 1
+    assert "line 2 (id 'bad'): 'meta.target_aspect' must be [width, height], two numbers > 0" in load.reasons[0]
+
+
+def test_rows_with_more_inputs_than_the_model_takes_are_skipped(tmp_path, image_dir):
+    manifest = tmp_path / "manifest.jsonl"
+    _write_lines(manifest, [json.dumps(_row("one")),
+                            json.dumps(_row("three", inputs=["images/a.png", "images/b.png", "images/a.png"]))])
+    assert len(load_manifest(manifest).rows) == 2  # the limit applies only where the model is known
+    load = load_manifest(manifest, max_inputs=2)
+    assert [row.id for row in load.rows] == ["one"]
+    assert "line 2 (id 'three'): 3 input images, more than model.max_inputs=2" in load.reasons[0]
+
+
+def test_too_many_bad_rows_stop_the_run(tmp_path, image_dir):
+    manifest = tmp_path / "manifest.jsonl"
+    _write_lines(manifest, [json.dumps(_row(f"ok-{i}")) for i in range(8)]
+                 + [json.dumps(_row("typo", task="filing")), "not json"])
+    load = load_manifest(manifest)
+    assert (len(load.rows), load.skipped) == (8, 2)
+    check_bad_fraction(load, 0.2)  # 20% bad: at the limit, goes on
+    with pytest.raises(ManifestError) as error:
+        check_bad_fraction(load, 0.1)
+    message = str(error.value)
+    assert f"manifest {manifest}: 2 of 10 rows are bad (20%), more than data.max_bad_fraction=0.1" in message
+    assert "line 9 (id 'typo')" in message and "line 10: invalid JSON" in message
+    clean = tmp_path / "clean.jsonl"
+    _write_lines(clean, [json.dumps(_row("ok"))])
+    check_bad_fraction(load_manifest(clean), 0.0)

@@ -194,3 +194,38 @@ def test_dynamic_batcher_reports_errors_and_keeps_serving():
         return await batcher.submit(["good"])
 
     assert asyncio.run(main()) == ["good"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (ScorerSpec("a/b", "preservation", path="1"), "name 'a/b': expected a non-empty name"),
+    (ScorerSpec("", "preservation", path="1"), "name '': expected a non-empty name"),
+    (ScorerSpec("x", "magic", path="1"), "kind 'magic': expected one of"),
+    (ScorerSpec("x", "preservation", weight=float("nan"), path="1"), "weight nan: expected a finite number"),
+    (ScorerSpec("x", "vlm_judge", path="1", url="file:///etc/passwd"), "url 'file:///etc/passwd': expected an http"),
+])
+def test_add_refuses_specs_no_config_could_hold(registry, spec, message):
+    with pytest.raises(RegistryError, match=message):
+        registry.add(spec)
+    assert registry.versions() == {} and registry.journal.records() == []
+
+
+def test_swap_refuses_a_non_http_url(registry):
+    registry.add(ScorerSpec("a", "preservation", path="1"))
+    with pytest.raises(RegistryError, match="url 'file:///x': expected an http"):
+        registry.swap("a", url="file:///x")
+    with pytest.raises(RegistryError, match="weight inf: expected a finite number"):
+        registry.set_weight("a", float("inf"))
+    assert registry.versions() == {"a": 1}
+
+
+@pytest.mark.parametrize("spec, message", [
+    (ScorerSpec("p", "preservation", url="http://x"), "url does not apply to kind preservation"),
+    (ScorerSpec("o", "ocr_title", path="m"), "path does not apply to kind ocr_title"),
+    (ScorerSpec("b", "bradley_terry", path="m", backend="vllm"), "backend does not apply to kind bradley_terry"),
+    (ScorerSpec("j", "vlm_judge", path="m"), "kind vlm_judge needs backend"),
+])
+def test_load_scorer_refuses_options_its_kind_does_not_take(spec, message):
+    from reward_server.registry import load_scorer
+
+    with pytest.raises(RegistryError, match=message):
+        load_scorer(spec)
