@@ -1,25 +1,74 @@
-"""Starting or joining the Ray cluster a run lives in."""
+"""Starting or joining the Ray cluster a run lives in.
+
+A cluster the run starts itself uses Ray's token authentication with a fresh token of its own, kept in
+RUN_DIR/ray_auth_token (0600); `posterrl reward --run RUN_DIR` finds it through RUN_DIR/cluster.json. A
+cluster the run joins (--address / cluster.address) uses whatever RAY_AUTH_MODE and token the environment
+gives (docs/security.md).
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
 
 import ray
+from ray._raylet import AuthenticationTokenLoader
+from ray._raylet import Config as RayConfig
 
 from posterrl.config import Config
+from posterrl.runlog import TOKEN_FILE, write_private_file
 
 
-def connect(config: Config, address: str | None = None) -> None:
-    """Join `address` (or cluster.address), or start a local cluster sized by cluster.num_cpus."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def use_token_file(path: str | Path) -> None:
+    """Make this process (and the Ray processes it starts) present the token in `path`."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # would win over the file
+    RayConfig.initialize("")  # Ray caches the mode it read from the environment (as Ray's own ray.init does)
+    AuthenticationTokenLoader.instance().reset_cache()  # and a token loaded earlier in this process
+
+
+def new_run_token(run_dir: str | Path) -> Path:
+    """A fresh 256-bit token in RUN_DIR/ray_auth_token (0600), made this process's token."""
+    path = Path(run_dir).resolve() / TOKEN_FILE
+    write_private_file(path, secrets.token_hex(32))
+    use_token_file(path)
+    return path
+
+
+def connect(config: Config, address: str | None = None, run_dir: str | Path | None = None) -> None:
+    """Join `address` (or cluster.address), or start a local cluster sized by cluster.num_cpus; a local one
+    gets a new token in run_dir (or, without run_dir, Ray's default token handling)."""
     if ray.is_initialized():
         return
     address = address or config.cluster.address
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(num_cpus=config.cluster.num_cpus, num_gpus=config.cluster.num_gpus,
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
+        return
+    if run_dir is not None:
+        new_run_token(run_dir)
+    ray.init(num_cpus=config.cluster.num_cpus, num_gpus=config.cluster.num_gpus,
+             include_dashboard=config.cluster.dashboard, dashboard_host=config.cluster.dashboard_host,
+             log_to_driver=True)
+
+
+def auth_info() -> dict[str, str | None]:
+    """How a client authenticates to the cluster this process is connected to: for cluster.json."""
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH") if not os.environ.get("RAY_AUTH_TOKEN") else None
+    return {"auth_mode": os.environ.get("RAY_AUTH_MODE", "disabled").lower(),
+            "token_file": str(Path(token).resolve()) if token else None}
+
+
+def _node_of_actor(actor: object) -> tuple[str, str]:
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+def rendezvous_host(actors: list) -> str:
+    """Where actors[0] should listen for the others (a process group's store): 127.0.0.1 when every actor
+    runs on its node, else its node's IP as Ray reports it (never all interfaces)."""
+    nodes = ray.get([actor.__ray_call__.remote(_node_of_actor) for actor in actors])
+    return "127.0.0.1" if all(node == nodes[0][0] for node, _ in nodes) else nodes[0][1]
 
 
 def threads_for(num_cpus: float) -> int:

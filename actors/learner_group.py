@@ -10,7 +10,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import threads_for
+from actors.cluster import rendezvous_host, threads_for
 from learner.core import Learner, StepStats
 from posterrl.config import Config
 
@@ -29,8 +29,10 @@ class LearnerGroup:
             ).remote(config.model_dump(mode="json"), rank, lc.num_ranks, threads_for(lc.cpus_per_rank))
             for rank in range(lc.num_ranks)
         ]
-        # Rank 0 picks the rendezvous address on its own node; every rank then joins at once.
-        master_addr, master_port = ray.get(self.ranks[0].free_address.remote())
+        # Rank 0 opens the rendezvous store on loopback when every rank shares its node, else on the node IP
+        # Ray reports; the store is bound before anyone is told its port. Every rank then joins at once.
+        master_addr = rendezvous_host(self.ranks)
+        master_port = ray.get(self.ranks[0].open_rendezvous.remote(master_addr))
         ray.get([r.join.remote(master_addr, master_port) for r in self.ranks])
 
     def call(self, method: str, *args, **kwargs) -> list:

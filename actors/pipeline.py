@@ -76,7 +76,7 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
     sizes.add_row("stages", " -> ".join(config.stages))
     console.print(sizes)
 
-    connect(config, address)
+    connect(config, address, run_dir=run.root)
     writer = SummaryWriter(str(run.tb)) if config.logging.tensorboard else None
     ctx = PipelineContext(config, run, console, writer, resume=resume, global_step=run.summary().get("global_step", 0))
     done = set(run.summary().get("completed", [])) if resume else set()

@@ -15,14 +15,33 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
+from actors.cluster import use_token_file
 from actors.reward_server import NAMESPACE, find_reward_server
-from posterrl.runlog import read_cluster_file
+from posterrl.runlog import TOKEN_FILE, RunDirError, read_cluster_file
 from reward_server.registry import RegistryError
 
 
 def cluster_address(run_dir: Path, address: str | None) -> str:
-    """--address, or the one the run wrote to RUN_DIR/cluster.json (checked: posterrl/runlog.py)."""
-    return address or read_cluster_file(run_dir)["address"]
+    """--address, or the one the run wrote to RUN_DIR/cluster.json (checked: posterrl/runlog.py); when the
+    address is the file's, also the token the file names (a cluster the run started has a token file of its
+    own; for a joined cluster, or another --address, the environment's RAY_AUTH_MODE and token are used)."""
+    if address:
+        try:
+            info = read_cluster_file(run_dir)
+        except RunDirError:
+            return address
+        if address != info["address"]:
+            return address
+    else:
+        info = read_cluster_file(run_dir)
+    token_file = info.get("token_file")
+    if info.get("auth_mode") == "token" and isinstance(token_file, str):
+        if not Path(token_file).is_file() and (run_dir / TOKEN_FILE).is_file():
+            token_file = str(run_dir / TOKEN_FILE)  # the run directory was moved
+        use_token_file(token_file)
+    elif info.get("auth_mode") == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return info["address"]
 
 
 def print_registry(console: Console, described: dict) -> None:
@@ -47,7 +66,6 @@ def run_reward_command(args: argparse.Namespace, console: Console) -> int:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise RegistryError(f"--run {run_dir}: no such run directory")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=cluster_address(run_dir, args.address), namespace=NAMESPACE, log_to_driver=False,
              include_dashboard=False)
     try:
@@ -57,7 +75,7 @@ def run_reward_command(args: argparse.Namespace, console: Console) -> int:
             return 0
         if args.reward_command == "add":
             spec = {"name": args.name, "kind": args.kind, "weight": args.weight, "path": args.path,
-                    "backend": args.backend, "url": args.url}
+                    "backend": args.backend, "url": args.url, "api_key_env": args.api_key_env}
             answer = ray.get(server.add.remote(spec))
         elif args.reward_command == "swap":
             answer = ray.get(server.swap.remote(args.name, args.path, args.backend, args.url))

@@ -21,7 +21,7 @@ import ray
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from actors.cluster import threads_for
+from actors.cluster import auth_info, threads_for
 from posterrl.config import Config
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.models.samples import EditSample
@@ -57,7 +57,7 @@ def initial_specs(config: Config, run: RunDir) -> list[ScorerSpec]:
     return [ScorerSpec(name=s.name, kind=s.kind, weight=s.weight,
                        path=s.path if s.path is not None or s.kind != "bradley_terry"
                        else str(run.stage_checkpoint("reward")),
-                       backend=s.backend, url=s.url)
+                       backend=s.backend, url=s.url, api_key_env=s.api_key_env)
             for s in config.reward.scorers]
 
 
@@ -160,7 +160,7 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
 
 def write_cluster_file(run: RunDir) -> None:
     info = {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
-            "reward_server": server_name(run.root)}
+            "reward_server": server_name(run.root), **auth_info()}
     path = run.root / CLUSTER_FILE  # write then rename: `posterrl reward` never reads a half-written file
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")

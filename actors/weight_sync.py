@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors.cluster import rendezvous_host
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 
@@ -38,8 +39,9 @@ class WeightSync:
         self.learners, self.rollouts, self.method = learners, rollouts, method
         if method == "broadcast":
             source = learners.ranks[0]
-            addr, port = ray.get(source.free_address.remote())
             world = 1 + len(rollouts.actors)
+            addr = rendezvous_host([source, *rollouts.actors])  # loopback when all share the source's node
+            port = ray.get(source.open_weight_broadcast.remote(addr, world))
             backend = "nccl" if learners.gpus_per_rank > 0 else "gloo"
             ray.get([source.join_weight_broadcast.remote(addr, port, world)]
                     + [a.join_weight_broadcast.remote(addr, port, i + 1, world, backend)

@@ -14,13 +14,13 @@ not speed-up.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import ray
 import torch
 
+from actors.cluster import new_run_token
 from actors.learner_group import LearnerGroup
 from learner.data import BatchPlan
 from learner.flow import draw_flow_inputs
@@ -88,7 +88,7 @@ def main() -> None:
         manifest = generate_dataset(tmp, n=4, seed=0, size=64, tasks=("filling",), progress=False)
         rows = load_manifest(manifest, require_target=True).rows
         plan = BatchPlan(rows, args.batch, seed=0)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        new_run_token(tmp)  # token auth with a token of its own, as a run's cluster
         ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
         try:
             one = learner_group(config_for(1), plan, args.steps)

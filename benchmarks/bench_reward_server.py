@@ -12,7 +12,6 @@ side by side from one run:
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from actors.cluster import new_run_token
 from actors.reward_server import probe_samples, start_reward_server
 from posterrl.config import load_config
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
@@ -77,13 +77,13 @@ def main() -> None:
     parser.add_argument("--channels", type=int, help="conv backbone width (default: the tiny default's)")
     parser.add_argument("--image-size", type=int, help="conv backbone canvas (default: the tiny default's)")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     overrides = [f"reward_model.channels={args.channels}"] if args.channels else []
     overrides += [f"reward_model.image_size={args.image_size}"] if args.image_size else []
     base = load_config("configs/tiny.yaml", overrides)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench_reward_"))
+    new_run_token(root)  # token auth with a token of its own, as a run's cluster
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     model_dir = root / "rm"
     save_reward_model(build_reward_model(reward_model_spec(base.reward_model)), model_dir)
     samples = probe_samples(base, 16)

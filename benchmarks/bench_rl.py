@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import ray
 from rich.console import Console
 
+from actors.cluster import new_run_token
 from actors.learner_group import LearnerGroup
 from actors.pipeline import run_pipeline
 from actors.rollout_group import RolloutActorGroup, gather
@@ -115,13 +115,13 @@ def main() -> None:
     parser.add_argument("--parts", default="1,2,3", help="which measurements to run, e.g. 1 or 1,3")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = generate_dataset(tmp / "data", n=4, seed=0, size=64, progress=False)
         rows = load_manifest(manifest, require_target=True).rows  # 24 prompts, 4 of each task
 
+        new_run_token(tmp)  # token auth with a token of its own, as a run's cluster
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             sizes = [("tiny (1.9M)", [])] + ([] if args.skip_big else [("big (51M)", BIG)])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -23,14 +22,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.distributed import deepspeed, deepspeed_config, dist, free_address, join_process_group, warmup_lambda
+from learner.distributed import deepspeed, deepspeed_config, dist, join_process_group, warmup_lambda
+from learner.safe_load import load_rng_state, save_rng_state, use_tensor_only_loads
 from learner.tasks import TASKS, NftTask, RewardModelTask, TaskState, TrainingTask
 from posterrl.checkpoints import LATEST_FILE, read_latest
 from posterrl.config import Config
 from posterrl.models.samples import PreferencePair
 from posterrl.policy import quiet_model_libraries
+from posterrl.weight_sync import open_store
 
 TASK_TENSORS_FILE = "task_state.safetensors"  # a task's own tensors (theta_old in the rl stage), rank 0
+RNG_FILE = "rng_rank{rank}.safetensors"  # each rank's torch/numpy/python RNG states (learner/safe_load.py)
 T = TypeVar("T")
 
 
@@ -62,14 +64,18 @@ class Learner:
         self.engine: Any = None  # the task's DeepSpeed engine
         self.scheduler: Any = None
         self.step, self.seed = 0, 0
+        self._rendezvous: dist.TCPStore | None = None  # rank 0: the stores other processes join
+        self._broadcast_store: dist.TCPStore | None = None
 
-    @staticmethod
-    def free_address() -> tuple[str, int]:
-        return free_address()
+    def open_rendezvous(self, host: str) -> int:
+        """Rank 0: open the learner group's rendezvous store on `host` (bound now); returns its port."""
+        self._rendezvous = open_store(host, self.world_size)
+        return self._rendezvous.port
 
     def join(self, master_addr: str, master_port: int) -> int:
-        """Join the learner process group before any DeepSpeed engine starts."""
-        return join_process_group(self.rank, self.world_size, master_addr, master_port, self.device)
+        """Join the learner process group before any DeepSpeed engine starts (rank 0 after open_rendezvous)."""
+        store = self._rendezvous if self.rank == 0 else None
+        return join_process_group(self.rank, self.world_size, master_addr, master_port, self.device, store)
 
     # ------------------------------------------------------------------ tasks and steps
 
@@ -86,6 +92,7 @@ class Learner:
         ds_config = deepspeed_config(self.config, self.task.batch_size, self.task.micro_batch_size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+        use_tensor_only_loads(self.engine)  # checkpoints load as tensors and plain data (learner/safe_load.py)
         return sum(p.numel() for p in trainable)
 
     def train_step(self, batch: Sequence) -> StepStats:
@@ -143,8 +150,13 @@ class Learner:
     def sampling_weights(self) -> dict[str, np.ndarray]:
         return self._require(NftTask).sampling_weights()
 
+    def open_weight_broadcast(self, host: str, world_size: int) -> int:
+        """Rank 0: open the weight broadcast group's store on `host` (bound now); returns its port."""
+        self._broadcast_store = open_store(host, world_size)
+        return self._broadcast_store.port
+
     def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int) -> None:
-        self._require(NftTask).join_weight_broadcast(master_addr, master_port, world_size)
+        self._require(NftTask).join_weight_broadcast(master_addr, master_port, world_size, self._broadcast_store)
 
     def broadcast_sampling_weights(self) -> int:
         return self._require(NftTask).broadcast_sampling_weights()
@@ -181,8 +193,7 @@ class Learner:
         state = {**client_state, "step": self.step, "task": self.task_name, "seed": self.seed,
                  "task_state": task_state.info}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save(rng, root / tag / f"rng_rank{self.rank}.pt")
+        save_rng_state(root / tag / RNG_FILE.format(rank=self.rank))
         if task_state.tensors and self.rank == 0:  # the same on every rank
             save_file(task_state.tensors, str(root / tag / TASK_TENSORS_FILE))
         dist.barrier()
@@ -202,10 +213,7 @@ class Learner:
         root = Path(directory)
         tag = read_latest(root)["tag"]
         _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
-        rng = torch.load(root / tag / f"rng_rank{self.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        load_rng_state(root / tag / RNG_FILE.format(rank=self.rank))
         self.step, self.seed = client_state["step"], client_state["seed"]
         tensors_file = root / tag / TASK_TENSORS_FILE
         tensors = load_file(str(tensors_file)) if tensors_file.is_file() else {}
@@ -223,6 +231,7 @@ class Learner:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._rendezvous = self._broadcast_store = None  # closes their listening sockets
 
 
 def _checksum(module: torch.nn.Module) -> float:

@@ -7,7 +7,7 @@ in place when the first engine starts.
 from __future__ import annotations
 
 import os
-import socket
+from datetime import timedelta
 
 import torch
 
@@ -56,19 +56,18 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def free_address() -> tuple[str, int]:
-    """This host's address and a free TCP port (rank 0 calls it for the rendezvous)."""
-    host = socket.gethostbyname(socket.gethostname())
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return host, sock.getsockname()[1]
-
-
-def join_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device) -> int:
-    """Join the process group (gloo on CPU, NCCL on GPU) from explicit coordinates, so DeepSpeed never tries
-    MPI discovery; returns this process's rank."""
+def join_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device,
+                       store: dist.TCPStore | None = None) -> int:
+    """Join the process group (gloo on CPU, NCCL on GPU) through the rendezvous store rank 0 opened
+    (posterrl.weight_sync.open_store; rank 0 passes it, the others connect to master_addr:master_port), then
+    let DeepSpeed adopt the group, so it never tries MPI discovery; returns this process's rank."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
                        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        if store is None:
+            store = dist.TCPStore(master_addr, master_port, world_size, is_master=False,
+                                  timeout=timedelta(seconds=300))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank()

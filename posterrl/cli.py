@@ -326,6 +326,8 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--path")
     add.add_argument("--backend", choices=backends)
     add.add_argument("--url")
+    add.add_argument("--api-key-env", help="vlm_judge openai: the environment variable (in the run's cluster) that "
+                     "holds the server's API key; the key itself is never passed")
     swap = live("swap", "replace a scorer's model; the old one serves until the new one has passed its probe")
     swap.add_argument("--name", required=True)
     swap.add_argument("--path")

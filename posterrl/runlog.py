@@ -6,7 +6,8 @@
     <run_dir>/data/           generated data (unless data.dir points elsewhere)
     <run_dir>/summary.json    per stage figures, per task gold metrics
     <run_dir>/cluster.json    the Ray address of the running job (written by its reward server) for
-                              `posterrl reward ...`
+                              `posterrl reward ...`, with its auth mode and token file
+    <run_dir>/ray_auth_token  the Ray token of a cluster the run started itself (mode 0600)
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from posterrl.config import Config
 from posterrl.errors import UserError
 
 CLUSTER_FILE = "cluster.json"  # where a run says which Ray cluster it lives in, for `posterrl reward`
+TOKEN_FILE = "ray_auth_token"  # the Ray token of a cluster the run started (owner-only, 0600)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (0600 from creation on, also when it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 class RunDirError(UserError):

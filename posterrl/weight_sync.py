@@ -19,18 +19,31 @@ import torch
 import torch.distributed as dist
 
 
+def open_store(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """The server side of a rendezvous: a TCPStore listening on `host` only (127.0.0.1 when every member is on
+    this machine, else this node's IP), on a port the OS picks as it binds (`store.port`), so there is no
+    window between finding a free port and binding it in which another process could take it."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
 class BroadcastGroup:
-    """Rank 0 sends, ranks 1..world_size-1 receive. Every member must construct it (the store waits for all)."""
+    """Rank 0 sends, ranks 1..world_size-1 receive. Every member must construct it (the store waits for all).
+
+    Rank 0 passes the store it opened (open_store) and whose port it told the others; without one it hosts
+    a store on master_addr:master_port itself."""
 
     def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 300.0, store: dist.TCPStore | None = None):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight broadcast backend {backend!r}: expected 'gloo' (CPU) or 'nccl' (GPU)")
         if backend == "nccl" and not torch.cuda.is_available():
             raise RuntimeError("weight broadcast over NCCL needs a GPU in every member; use the object store on CPU")
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
-        self.store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+        if store is None:
+            store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+        self.store = store
         self.group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
         if backend == "gloo":
             self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import math
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -160,9 +161,17 @@ def _digits_from_tokens(candidates) -> dict[int, float]:
 class _OpenAIBackend:
     """HTTP to an OpenAI-compatible server: one chat completion per sample, max_tokens 1, top logprobs."""
 
-    def __init__(self, url: str, model: str, timeout_s: float = 60.0, top_logprobs: int = 20):
+    def __init__(self, url: str, model: str, timeout_s: float = 60.0, top_logprobs: int = 20,
+                 api_key_env: str | None = None):
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.timeout_s, self.top_logprobs = model, timeout_s, top_logprobs
+        self.headers = {"Content-Type": "application/json"}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"vlm_judge: api_key_env {api_key_env} is not set (or empty) in the reward server's "
+                                 "environment; export it before the run starts its cluster")
+            self.headers["Authorization"] = f"Bearer {key}"
 
     def digit_logprobs(self, chats: Sequence[tuple[list[dict], list[Image.Image]]]) -> list[dict[int, float]]:
         return [self._one(messages, images) for messages, images in chats]
@@ -171,7 +180,7 @@ class _OpenAIBackend:
         body = {"model": self.model, "messages": _openai_content(messages, images), "max_tokens": 1,
                 "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
         request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 answer = json.loads(response.read())
@@ -187,9 +196,11 @@ class VlmJudge:
     kind = "vlm_judge"
     score_range = (0.0, 1.0)
 
-    def __init__(self, backend: str, path: str, url: str | None = None, batch_size: int = 8, top_logprobs: int = 20):
+    def __init__(self, backend: str, path: str, url: str | None = None, batch_size: int = 8, top_logprobs: int = 20,
+                 api_key_env: str | None = None):
         """top_logprobs (openai): how many first-token candidates to ask for; OpenAI's API allows 20, a vLLM
-        server up to its --max-logprobs. Digits outside them get no probability mass."""
+        server up to its --max-logprobs. Digits outside them get no probability mass. api_key_env (openai): the
+        environment variable whose value goes out as "Authorization: Bearer ..." (vllm serve --api-key)."""
         self.backend: _TransformersBackend | _VllmBackend | _OpenAIBackend
         if backend == "transformers":
             self.backend = _TransformersBackend(path)
@@ -198,7 +209,7 @@ class VlmJudge:
         elif backend == "openai":
             if not url:
                 raise ValueError("vlm_judge backend 'openai' needs url, e.g. http://127.0.0.1:8000/v1")
-            self.backend = _OpenAIBackend(url, path, top_logprobs=top_logprobs)
+            self.backend = _OpenAIBackend(url, path, top_logprobs=top_logprobs, api_key_env=api_key_env)
         else:
             raise ValueError(f"vlm_judge: unknown backend {backend!r} (expected transformers, vllm or openai)")
         self.batch_size = batch_size

@@ -46,6 +46,7 @@ class ScorerSpec:
     path: str | None = None
     backend: str | None = None
     url: str | None = None
+    api_key_env: str | None = None  # vlm_judge openai: the environment variable with the API key (not the key)
 
 
 def spec_problems(spec: ScorerSpec) -> list[str]:
@@ -71,7 +72,7 @@ def load_scorer(spec: ScorerSpec) -> Scorer:
         if spec.backend is None or spec.path is None:
             raise RegistryError(f"scorer {spec.name!r}: kind vlm_judge needs backend (transformers, vllm or openai) "
                                 "and path (a model directory, or the served model's name for openai)")
-        return VlmJudge(backend=spec.backend, path=spec.path, url=spec.url)
+        return VlmJudge(backend=spec.backend, path=spec.path, url=spec.url, api_key_env=spec.api_key_env)
     if spec.kind == "preservation":
         from reward_server.rules import PreservationScorer
 

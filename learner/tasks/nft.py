@@ -68,10 +68,12 @@ class NftTask:
         """theta_old as fp32 numpy arrays: the object store reads numpy without copies on every actor."""
         return {k: v.detach().float().cpu().numpy() for k, v in self.sampling_policy.state_dict().items()}
 
-    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int) -> None:
-        """Rank 0 only: host the broadcast group to the rollout workers (NCCL on GPU, gloo on CPU)."""
+    def join_weight_broadcast(self, master_addr: str, master_port: int, world_size: int,
+                              store: Any = None) -> None:
+        """Rank 0 only: host the broadcast group to the rollout workers (NCCL on GPU, gloo on CPU) on `store`
+        (opened by Learner.open_weight_broadcast), or on master_addr:master_port."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.weight_group = BroadcastGroup(master_addr, master_port, 0, world_size, backend)
+        self.weight_group = BroadcastGroup(master_addr, master_port, 0, world_size, backend, store=store)
 
     def broadcast_sampling_weights(self) -> int:
         """Send theta_old to every rollout worker of the broadcast group; returns the bytes sent."""

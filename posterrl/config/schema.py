@@ -99,6 +99,9 @@ class ScorerConfig(_Section):
     path: str | None = None
     backend: JudgeBackend | None = None  # vlm_judge only
     url: str | None = None  # vlm_judge with backend openai: the server's base URL, e.g. http://127.0.0.1:8000/v1
+    # vlm_judge with backend openai: the NAME of the environment variable holding the server's API key, sent
+    # as "Authorization: Bearer <key>" (the key itself never goes into a config, which runs log and copy).
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class RewardConfig(_Section):
@@ -213,6 +216,10 @@ class ClusterConfig(_Section):
     # Logical CPUs of a local cluster (more than cores keeps 2 cores from deadlocking).
     num_cpus: float | None = Field(4, gt=0)
     num_gpus: int | None = Field(None, ge=0)
+    # The Ray dashboard of a local cluster (what `ray list actors` and ray.util.state talk to), behind the
+    # cluster's token; bound to loopback unless dashboard_host says otherwise (docs/security.md).
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
 
 
 class LoggingConfig(_Section):

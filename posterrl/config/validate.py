@@ -189,6 +189,8 @@ def reward_problems(cfg: Config) -> list[str]:
     for index, s in enumerate(cfg.reward.scorers):
         where = f"reward.scorers[{index}] ({s.name!r})"
         problems += [f"{where}: {p}" for p in scorer_problems(s.name, s.kind, s.weight, s.path, s.backend, s.url)]
+        if s.api_key_env is not None and s.backend != "openai":
+            problems.append(f"{where}: api_key_env applies to kind vlm_judge with backend openai only")
     if "reward" in cfg.stages and not any(s.kind == "bradley_terry" and s.path is None for s in cfg.reward.scorers):
         problems.append("stages has 'reward' but reward.scorers has no bradley_terry scorer without a path "
                         "to serve the model it trains, e.g. {name: bt, kind: bradley_terry, weight: 1.0}")

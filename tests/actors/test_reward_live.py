@@ -1,7 +1,6 @@
 """The reward server as a real named Ray actor, changed from the real CLI while clients hammer it."""
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ CLIENTS = 32
 
 def reward_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "posterrl.cli", "reward", *args], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                          timeout=180)
 
 
 @pytest.fixture(scope="module")

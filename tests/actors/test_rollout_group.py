@@ -1,7 +1,11 @@
 import pytest
+import ray
 import torch
 
+from actors.cluster import rendezvous_host
+from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup, gather
+from actors.weight_sync import WeightSync
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
 from posterrl.flow import SamplerConfig
@@ -38,3 +42,25 @@ def test_weights_reach_every_actor_and_samples_match_in_process(ray_cluster, tin
     for remote, here in zip(remote_groups, local_groups):
         assert remote.policy_version == 3
         assert torch.allclose(remote.samples, here.samples, atol=1e-4)
+
+
+def test_broadcast_sync_meets_on_loopback_and_reaches_every_actor(ray_cluster, tiny_config):
+    config = tiny_config.model_copy(deep=True)
+    config.learner.num_ranks, config.learner.cpus_per_rank = 1, 0.1
+    config.rollout.num_actors, config.rollout.cpus_per_actor = 2, 0.1
+    trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
+    learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
+    try:
+        assert rendezvous_host([learners.ranks[0], *rollouts.actors]) == "127.0.0.1"  # one node: loopback only
+        learners.start("nft", 0, init_state=trained.state_dict())
+        sync = WeightSync(learners, rollouts, "broadcast")
+        sync.publish(4).wait()
+        def weights_sum(worker) -> float:  # local: shipped by value to the actors
+            return sum(float(p.double().sum()) for p in worker.policy.parameters())
+
+        sums = ray.get([a.__ray_call__.remote(weights_sum) for a in rollouts.actors])
+    finally:
+        learners.shutdown()
+        rollouts.shutdown()
+    expected = sum(float(p.double().sum()) for p in trained.parameters())
+    assert sums == pytest.approx([expected, expected], rel=1e-9)

@@ -1,11 +1,17 @@
 """The learner core in-process at world size 1 (no Ray): every task through DeepSpeed on gloo, fp32 and bf16."""
 
+import pickle
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from learner.core import Learner
+from learner.safe_load import load_rng_state, save_rng_state
 from learner.tasks import TASKS
+from posterrl.checkpoints import CheckpointError
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import build_samples, write_samples
 from posterrl.experience import RlSample
@@ -30,7 +36,7 @@ def learner(tiny_config):
     config.learner.num_ranks, config.learner.micro_batch_size, config.learner.warmup_steps = 1, 2, 0
     config.sft.batch_size = config.distill.batch_size = 4
     role = Learner(config.model_dump(mode="json"), rank=0, world_size=1)
-    host, port = Learner.free_address()
+    port = role.open_rendezvous("127.0.0.1")
     assert role.join("127.0.0.1", port) == 0
     yield role
     role.shutdown()
@@ -143,3 +149,39 @@ def test_reward_model_trains_on_pair_indices_and_exports(learner, tmp_path):
         again = served(**served.prepare(pair_sides(pairs[:2])[0]))
     assert again.tolist() == pytest.approx(chosen[:2], abs=1e-5)
 
+
+
+class _Planted:
+    """A pickle that creates `marker` when it is loaded: what a hostile checkpoint folder could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "rng_rank0.safetensors"])
+def test_a_planted_pickle_is_refused_and_never_runs(learner, rows, tmp_path, victim):
+    learner.start("sft", seed=0)
+    learner.train_step(rows)
+    learner.save_checkpoint(str(tmp_path / "ck"), {"epoch": 1})
+    folder = tmp_path / "ck" / "step_0000001"
+    marker = tmp_path / "pwned"
+    assert (folder / victim).is_file()
+    if victim.endswith(".pt"):
+        torch.save({"module": _Planted(marker)}, folder / victim)
+    else:
+        (folder / victim).write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(CheckpointError, match=victim):
+        learner.load_checkpoint(str(tmp_path / "ck"))
+    assert not marker.exists()
+
+
+def test_rng_states_round_trip_without_pickle(tmp_path):
+    save_rng_state(tmp_path / "rng.safetensors")
+    drawn = (torch.rand(3), np.random.rand(3), random.random(), random.gauss(0, 1))
+    load_rng_state(tmp_path / "rng.safetensors")
+    again = (torch.rand(3), np.random.rand(3), random.random(), random.gauss(0, 1))
+    assert torch.equal(drawn[0], again[0]) and np.array_equal(drawn[1], again[1]) and drawn[2:] == again[2:]

@@ -4,15 +4,20 @@ import multiprocessing as mp
 
 import torch
 
-from learner.distributed import free_address
-from posterrl.weight_sync import BroadcastGroup, trainable_tensors
+from posterrl.weight_sync import BroadcastGroup, open_store, trainable_tensors
 
 
-def _member(rank: int, world: int, port: int, queue) -> None:
+def _member(rank: int, world: int, ports, queue) -> None:
     torch.manual_seed(rank)  # every member starts with different weights
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(
         torch.bfloat16 if rank == 0 else torch.float32)  # a bf16 sender feeding fp32 receivers
-    group = BroadcastGroup("127.0.0.1", port, rank, world, "gloo", timeout_s=60)
+    if rank == 0:  # as learner rank 0: the store is bound (port from the OS) before the others hear its port
+        store = open_store("127.0.0.1", world, timeout_s=60)
+        for _ in range(world - 1):
+            ports.put(store.port)
+        group = BroadcastGroup("127.0.0.1", store.port, rank, world, "gloo", timeout_s=60, store=store)
+    else:
+        group = BroadcastGroup("127.0.0.1", ports.get(timeout=60), rank, world, "gloo", timeout_s=60)
     moved = group.broadcast(trainable_tensors(model))
     names = [n for n, _ in model.named_parameters() if n.startswith("1.")]
     if rank != 0:  # a second sync of only some tensors (as LoRA sends only its adapters)
@@ -24,10 +29,10 @@ def _member(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_rank0_weights_reach_every_receiver():
-    world, (_, port) = 3, free_address()  # what learner rank 0 hosts the group on
+    world = 3
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    members = [ctx.Process(target=_member, args=(rank, world, port, queue)) for rank in range(world)]
+    queue, ports = ctx.Queue(), ctx.Queue()
+    members = [ctx.Process(target=_member, args=(rank, world, ports, queue)) for rank in range(world)]
     for process in members:
         process.start()
     results = dict((rank, (moved, state)) for rank, moved, state in (queue.get(timeout=120) for _ in members))

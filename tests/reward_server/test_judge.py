@@ -58,10 +58,12 @@ def test_transformers_judge_end_to_end(tiny_vlm):
 
 class _CannedJudge(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    authorization: list[str | None] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _CannedJudge.requests.append(body)
+        _CannedJudge.authorization.append(self.headers.get("Authorization"))
         top = [{"token": "4", "logprob": math.log(0.5)}, {"token": "Ġ5", "logprob": math.log(0.25)},
                {"token": "x", "logprob": math.log(0.2)}, {"token": "2", "logprob": math.log(0.05)}]
         answer = {"choices": [{"logprobs": {"content": [{"token": "4", "logprob": top[0]["logprob"],
@@ -96,6 +98,24 @@ def test_openai_backend_reads_top_logprobs():
     images = [p for p in body["messages"][0]["content"] if p["type"] == "image_url"]
     assert len(images) == len(samples[0].inputs) + 1
     assert images[0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_openai_backend_sends_the_api_key_from_the_named_variable(monkeypatch):
+    monkeypatch.setenv("POSTERRL_TEST_JUDGE_KEY", "sk-local-123")
+    server = HTTPServer(("127.0.0.1", 0), _CannedJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _CannedJudge.authorization.clear()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        VlmJudge("openai", "m", url=url, api_key_env="POSTERRL_TEST_JUDGE_KEY").score(edits()[:1])
+        VlmJudge("openai", "m", url=url).score(edits()[:1])
+    finally:
+        server.shutdown()
+    assert _CannedJudge.authorization == ["Bearer sk-local-123", None]
+    monkeypatch.delenv("POSTERRL_TEST_JUDGE_KEY")
+    with pytest.raises(ValueError, match="POSTERRL_TEST_JUDGE_KEY is not set"):
+        VlmJudge("openai", "m", url=url, api_key_env="POSTERRL_TEST_JUDGE_KEY")
 
 
 def test_unreachable_server_names_the_url():
