@@ -17,7 +17,10 @@ from ray._raylet import AuthenticationTokenLoader
 from ray._raylet import Config as RayConfig
 
 from posterrl.config import Config
+from posterrl.errors import UserError
 from posterrl.runlog import TOKEN_FILE, write_private_file
+
+RAY_ADDRESS_VAR = "RAY_ADDRESS"  # the cluster Ray joins when ray.init gets no address
 
 
 def use_token_file(path: str | Path) -> None:
@@ -37,18 +40,32 @@ def new_run_token(run_dir: str | Path) -> Path:
     return path
 
 
+class ClusterError(UserError):
+    """The Ray cluster named by --address / cluster.address could not be reached; the message names it."""
+
+
 def connect(config: Config, address: str | None = None, run_dir: str | Path | None = None) -> None:
     """Join `address` (or cluster.address), or start a local cluster sized by cluster.num_cpus; a local one
-    gets a new token in run_dir (or, without run_dir, Ray's default token handling)."""
+    gets a new token in run_dir (or, without run_dir, Ray's default token handling).
+
+    Without an address the cluster is always a new local one (ray.init(address="local")): Ray would
+    otherwise join whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names, and a head that died
+    without `ray stop` leaves that file behind, so the next run failed with "When connecting to an
+    existing cluster, num_cpus and num_gpus must not be provided". To join a cluster, pass --address.
+    """
     if ray.is_initialized():
         return
     address = address or config.cluster.address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as exc:
+            raise ClusterError(f"cannot reach the Ray cluster at --address {address}: {exc}") from None
         return
     if run_dir is not None:
         new_run_token(run_dir)
-    ray.init(num_cpus=config.cluster.num_cpus, num_gpus=config.cluster.num_gpus,
+    os.environ.pop(RAY_ADDRESS_VAR, None)  # names another cluster: not for this run's processes either
+    ray.init(address="local", num_cpus=config.cluster.num_cpus, num_gpus=config.cluster.num_gpus,
              include_dashboard=config.cluster.dashboard, dashboard_host=config.cluster.dashboard_host,
              log_to_driver=True)
 

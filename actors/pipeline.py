@@ -53,8 +53,10 @@ def print_gold_table(console: Console, gold: dict[str, dict[str, float]],
 
 
 def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None, resume: bool = False,
-                 console: Console | None = None, allow_existing: bool = False) -> dict[str, Any]:
-    """Run config.stages in order. allow_existing: add stages to a run directory that holds earlier ones."""
+                 console: Console | None = None, allow_existing: bool = False,
+                 force_config: bool = False) -> dict[str, Any]:
+    """Run config.stages in order. allow_existing: add stages to a run directory that holds earlier ones.
+    resume: continue the run in run_dir, with the config it saved unless force_config (checked before Ray)."""
     console = console or Console()
     problems = config.runnable_problems()
     if problems:
@@ -68,6 +70,13 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
     if run.summary_path.exists() and run.summary().get("stages") and not (resume or allow_existing):
         raise ConfigError(f"run directory {run.root} already holds a run: pass --resume to continue it, "
                           "or choose another --run-dir")
+    changes = run.config_changes(config) if resume else []
+    if changes and not force_config:
+        raise ConfigError(f"--resume: the config differs from the one {run.config_path} was run with:\n  "
+                          + "\n  ".join(changes) + "\npass --force-config to resume with the new values "
+                          "(they replace config.yaml), or resume with the same config and overrides")
+    if changes:
+        console.print(f"--resume --force-config: resuming with {len(changes)} changed key(s): " + "; ".join(changes))
     run.create(config)
 
     sizes = Table(title=f"run {run.root}", show_header=False)

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from actors.cluster import auth_info, threads_for
 from posterrl.config import Config
 from posterrl.data.tasks import TASKS, build_samples
+from posterrl.files import write_atomic
 from posterrl.models.samples import EditSample
 from posterrl.runlog import CLUSTER_FILE, RunDir
 from reward_server.batching import DynamicBatcher
@@ -161,10 +162,8 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
 def write_cluster_file(run: RunDir) -> None:
     info = {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
             "reward_server": server_name(run.root), **auth_info()}
-    path = run.root / CLUSTER_FILE  # write then rename: `posterrl reward` never reads a half-written file
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    # `posterrl reward` never reads a half-written file (posterrl/files.py)
+    write_atomic(run.root / CLUSTER_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def find_reward_server(run_dir: str | Path) -> ray.actor.ActorHandle:

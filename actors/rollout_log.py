@@ -13,6 +13,7 @@ from actors.context import PipelineContext
 from actors.rollout_group import output_size
 from learner.scoring import EpochScores
 from posterrl.experience import Experience
+from posterrl.files import write_atomic
 from posterrl.images import labelled_grid
 
 
@@ -115,5 +116,5 @@ class RolloutLog:
                     "policy_version": experience.policy_version,
                     "r": None if not np.isfinite(r) else float(r),
                     "filtered": experience.filtered}))
-        (folder / "rollouts.jsonl").write_text("\n".join(lines) + "\n")
+        write_atomic(folder / "rollouts.jsonl", "\n".join(lines) + "\n")
         return folder

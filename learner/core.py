@@ -10,7 +10,6 @@ learner/tasks/, chosen by name in `learner.tasks.TASKS`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -25,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from learner.distributed import deepspeed, deepspeed_config, dist, join_process_group, warmup_lambda
 from learner.safe_load import load_rng_state, save_rng_state, use_tensor_only_loads
 from learner.tasks import TASKS, NftTask, RewardModelTask, TaskState, TrainingTask
-from posterrl.checkpoints import LATEST_FILE, read_latest
+from posterrl.checkpoints import LATEST_FILE, step_of, usable_checkpoint, write_checkpoint_manifest
 from posterrl.config import Config
+from posterrl.files import write_atomic
 from posterrl.models.samples import PreferencePair
 from posterrl.policy import quiet_model_libraries
 from posterrl.weight_sync import open_store
@@ -197,21 +197,19 @@ class Learner:
         if task_state.tensors and self.rank == 0:  # the same on every rank
             save_file(task_state.tensors, str(root / tag / TASK_TENSORS_FILE))
         dist.barrier()
-        if self.rank == 0:
-            tmp = root / (LATEST_FILE + ".tmp")
-            tmp.write_text(json.dumps({"tag": tag, "step": self.step}))
-            os.replace(tmp, root / LATEST_FILE)
-            tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - keep_last)]:
-                shutil.rmtree(root / old, ignore_errors=True)
+        if self.rank == 0:  # every rank has written: list the folder's files, then point latest.json at it
+            write_checkpoint_manifest(root / tag)
+            write_atomic(root / LATEST_FILE, json.dumps({"tag": tag, "step": self.step}))
+            prune_checkpoints(root, tag, keep_last)
         dist.barrier()
         return tag
 
     def load_checkpoint(self, directory: str) -> dict:
-        """Restore the newest complete checkpoint; returns its client state (step, data position...)."""
+        """Restore the newest complete checkpoint whose files match its manifest (else the one before it, said
+        so on stdout); returns its client state (step, data position...)."""
         task = self._running()
         root = Path(directory)
-        tag = read_latest(root)["tag"]
+        tag = usable_checkpoint(root, report=lambda message: print(f"learner rank {self.rank}: {message}", flush=True))
         _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
         load_rng_state(root / tag / RNG_FILE.format(rank=self.rank))
         self.step, self.seed = client_state["step"], client_state["seed"]
@@ -232,6 +230,17 @@ class Learner:
         if dist.is_initialized():
             dist.destroy_process_group()
         self._rendezvous = self._broadcast_store = None  # closes their listening sockets
+
+
+def prune_checkpoints(root: Path, current: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step folders up to `current` (the one latest.json names, always
+    kept). Folders of a higher step (an earlier run of the stage in the same run dir) are not latest.json's
+    history and are left alone: sorting by name alone could prune the checkpoint just written."""
+    step = step_of(current)
+    older = sorted((s, p.name) for p in root.iterdir() if p.is_dir() and (s := step_of(p.name)) is not None
+                   and p.name != current and step is not None and s < step)
+    for _, old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(root / old, ignore_errors=True)
 
 
 def _checksum(module: torch.nn.Module) -> float:

@@ -41,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     from actors.pipeline import run_pipeline  # imports ray: only when a run starts
 
-    run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console)
+    run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console,
+                 force_config=args.force_config)
     return 0
 
 
@@ -55,7 +56,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from actors.pipeline import run_pipeline
 
     run_pipeline(config, run_dir, address=args.address, resume=args.resume, console=console,
-                 allow_existing=stage in ("distill", "reward", "rl"))
+                 allow_existing=stage in ("distill", "reward", "rl"), force_config=args.force_config)
     return 0
 
 
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="run directory (default runs/<config>-<time>)")
     run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    run.add_argument("--force-config", action="store_true",
+                     help="with --resume: continue even though the config differs from the run's config.yaml")
     run.set_defaults(func=cmd_run)
 
     for stage, text in (("sft", "train the local-editing and global-creation experts"),
@@ -260,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "rl: the one holding the student and the reward model)")
         one.add_argument("--address")
         one.add_argument("--resume", action="store_true")
+        one.add_argument("--force-config", action="store_true")
         one.set_defaults(func=cmd_stage)
 
     add_reward_parser(sub)
@@ -308,6 +312,7 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--run-dir", type=Path, help="the run directory holding the policy to sample pairs from")
     train.add_argument("--address")
     train.add_argument("--resume", action="store_true")
+    train.add_argument("--force-config", action="store_true")
     train.set_defaults(func=cmd_reward)
 
     def live(name: str, text: str) -> argparse.ArgumentParser:

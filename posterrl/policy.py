@@ -31,6 +31,7 @@ from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from posterrl.config import ModelConfig, RolloutConfig
+from posterrl.files import replace_dir, staging_dir
 from posterrl.flow import SamplerConfig
 
 SPEC_FILE = "posterrl_policy.json"
@@ -227,15 +228,17 @@ class EditPolicy(nn.Module):
     # ------------------------------------------------------------------ disk
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """The whole export, written into a sibling folder first and moved in at once (posterrl/files.py)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(directory / "transformer")
-        self.text_encoder.save_pretrained(directory / "text_encoder")
-        self.tokenizer.save_pretrained(directory / "tokenizer")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_dir(directory)
+        self.transformer.save_pretrained(tmp / "transformer")
+        self.text_encoder.save_pretrained(tmp / "text_encoder")
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
         s = self.spec.sampler
-        FlowMatchEulerDiscreteScheduler(shift=s.shift).save_pretrained(directory / "scheduler")
-        (directory / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
-        return directory
+        FlowMatchEulerDiscreteScheduler(shift=s.shift).save_pretrained(tmp / "scheduler")
+        (tmp / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+        return replace_dir(tmp, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> EditPolicy:

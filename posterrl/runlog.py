@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,15 @@ import yaml
 
 from posterrl.config import Config
 from posterrl.errors import UserError
+from posterrl.files import write_atomic
 
 CLUSTER_FILE = "cluster.json"  # where a run says which Ray cluster it lives in, for `posterrl reward`
 TOKEN_FILE = "ray_auth_token"  # the Ray token of a cluster the run started (owner-only, 0600)
 
 
 def write_private_file(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only (0600 from creation on, also when it existed)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+    """Write `text` to `path` readable by its owner only (0600 from creation on), crash-safe (write_atomic)."""
+    write_atomic(path, text, mode=0o600)
 
 
 class RunDirError(UserError):
@@ -58,6 +53,34 @@ def read_cluster_file(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        out = {f"{prefix}.length": len(value)}
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{index}]"))
+        return out
+    return {prefix: value}
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ("stages",)) -> list[str]:
+    """`key: saved -> new` for every dotted key whose value differs (missing on one side: <unset>)."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    unset = "<unset>"
+    lines = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if key.split(".")[0].split("[")[0] in ignore:
+            continue
+        before, after = old_flat.get(key, unset), new_flat.get(key, unset)
+        if before != after:
+            lines.append(f"{key}: {before!r} -> {after!r}")
+    return lines
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -69,11 +92,20 @@ class RunDir:
     def create(self, config: Config) -> RunDir:
         for d in (self.root, self.tb, self.checkpoints):
             d.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_atomic(self.config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
         if not self.summary_path.exists():
             self.write_summary({"run_dir": str(self.root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 "stages": {}, "gold": {}})
         return self
+
+    def config_changes(self, config: Config) -> list[str]:
+        """How `config` differs from the run's saved config.yaml (read through load_config, so keys that moved
+        compare by their new names), the stage list aside: `posterrl sft|distill|rl` each set their own."""
+        if not self.config_path.is_file():
+            return []
+        from posterrl.config import load_config
+
+        return config_differences(load_config(self.config_path).to_dict(), config.to_dict())
 
     def data_dir(self, config: Config) -> Path:
         return Path(config.data.dir) if config.data.dir else self.root / "data"
@@ -85,10 +117,8 @@ class RunDir:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {"stages": {}, "gold": {}}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        # Write then rename, so a crash never leaves a half-written summary.
-        tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, self.summary_path)
+        # a crash never leaves a half-written summary (posterrl/files.py)
+        write_atomic(self.summary_path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
     def record_stage(self, stage: str, figures: dict[str, Any]) -> None:
         summary = self.summary()

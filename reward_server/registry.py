@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from posterrl.config.validate import scorer_option_problems, scorer_value_problems, weight_problem
 from posterrl.errors import UserError
+from posterrl.files import fsync_dir
 from posterrl.models.samples import EditSample
 from posterrl.names import SCORER_KINDS
 from reward_server.types import ScoreBatch, Scorer
 
 JOURNAL_FILE = "reward_journal.jsonl"
+log = logging.getLogger(__name__)
 KINDS = SCORER_KINDS  # the config's reward.scorers[].kind choices
 
 
@@ -134,7 +138,11 @@ class RewardResult:
 
 
 class Journal:
-    """Append-only JSONL of committed changes; one line per change, flushed at once."""
+    """Append-only JSONL of committed changes; one line per change, flushed and fsync'd at once.
+
+    Reading skips what a crash or a hand edit can leave (a torn line, a line that is not JSON, a record
+    of the wrong shape) with a problem naming the file and line, and keeps every whole record around it.
+    """
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path is not None else None
@@ -143,22 +151,103 @@ class Journal:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "op": op, **fields}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            new = not self.path.exists()
+            with self.path.open("ab") as handle:
+                # a torn last line (a crash mid-append) gets its own line, so this record stays whole
+                torn = handle.tell() > 0 and _last_byte(self.path) != b"\n"
+                handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            if new:
+                fsync_dir(self.path.parent)
         return record
 
     def records(self) -> list[dict]:
+        """The well-formed records; what was skipped is in `read()`'s problems."""
+        return self.read()[0]
+
+    def read(self) -> tuple[list[dict], list[str]]:
+        """(well-formed records in order, problems: "FILE:LINE: what is wrong; skipped")."""
         if self.path is None or not self.path.is_file():
-            return []
-        records = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            return [], []
+        records, problems = [], []
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            where = f"{self.path}:{number}"
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:  # a torn last line after a crash: keep what is whole
-                records.append({"op": "unreadable", "line": number, "error": str(exc)})
-        return records
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                # a torn line that the next record was appended to (journals before the newline fix): keep that one
+                tail = _trailing_record(line)
+                problems.append(f"{where}: not JSON, a torn or edited line ({exc}); skipped"
+                                + ("; the record appended after it on the same line is kept" if tail else ""))
+                if tail is None:
+                    continue
+                record = tail
+            problem = record_problem(record)
+            if problem:
+                problems.append(f"{where}: {problem}; skipped")
+                continue
+            records.append(record)
+        for problem in problems:
+            log.warning("reward journal: %s", problem)
+        return records, problems
+
+
+_SPEC_FIELDS = {f.name for f in fields(ScorerSpec)}
+_OPS = {  # op -> the keys its record needs and what they hold
+    "add": "spec (a scorer spec object) and version (an int)",
+    "swap": "spec (a scorer spec object) and version (an int)",
+    "remove": "name (a string)",
+    "set_weight": "name (a string) and weight (a number)",
+}
+
+
+def record_problem(record: object) -> str | None:
+    """What is wrong with the shape of one journal record, or None when replay can use it."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, expected an object with \"op\" ({', '.join(_OPS)})"
+    op = record.get("op")
+    if op not in _OPS:
+        return f"unknown op {op!r}, expected one of {', '.join(_OPS)}"
+    expected = f"op {op} expects {_OPS[op]}"
+    if op in ("add", "swap"):
+        spec, version = record.get("spec"), record.get("version")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kind"), str):
+            return f"{expected}; spec is {spec!r}"
+        unknown = sorted(set(spec) - _SPEC_FIELDS)
+        if unknown:
+            return f"{expected}; spec has unknown keys {unknown} (known: {sorted(_SPEC_FIELDS)})"
+        if not isinstance(version, int) or isinstance(version, bool):
+            return f"{expected}; version is {version!r}"
+        return None
+    if not isinstance(record.get("name"), str):
+        return f"{expected}; name is {record.get('name')!r}"
+    weight = record.get("weight")
+    if op == "set_weight" and (not isinstance(weight, (int, float)) or isinstance(weight, bool)):
+        return f"{expected}; weight is {weight!r}"
+    return None
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def _trailing_record(line: str) -> dict | None:
+    """The whole record at the end of a line that starts with a torn one, if there is one."""
+    start = line.find('{"time"', 1)
+    while start != -1:
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            start = line.find('{"time"', start + 1)
+            continue
+        return record if isinstance(record, dict) else None
+    return None
 
 
 class RewardRegistry:
@@ -291,23 +380,20 @@ class RewardRegistry:
         A journaled scorer that no longer loads (its files were deleted, say) is reported and left
         out rather than stopping the server; the versions keep counting from the journal.
         """
-        records = self.journal.records()
+        records, problems = self.journal.read()  # torn or misshapen lines are skipped and reported
         journal, self.journal = self.journal, Journal(None)  # replaying must not journal again
-        problems = []
         try:
             specs: dict[str, ScorerSpec] = {s.name: s for s in initial}
             versions: dict[str, int] = {s.name: 1 for s in initial}
             for record in records:
                 op = record.get("op")
                 if op in ("add", "swap"):
-                    spec = ScorerSpec(**record["spec"])
+                    spec = ScorerSpec(**record["spec"])  # its shape was checked by read()
                     specs[spec.name], versions[spec.name] = spec, record["version"]
                 elif op == "remove":
                     specs.pop(record["name"], None)
                 elif op == "set_weight" and record["name"] in specs:
                     specs[record["name"]] = replace(specs[record["name"]], weight=record["weight"])
-                elif op == "unreadable":
-                    problems.append(f"{journal.path}: line {record['line']} is not JSON ({record['error']}); skipped")
             for name, spec in specs.items():
                 try:
                     scorer = self._load_and_probe(spec)

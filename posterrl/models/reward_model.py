@@ -14,8 +14,6 @@ a Qwen2-VL / Qwen2.5-VL with an MLP head on the last token, optionally LoRA).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,7 @@ from torch import nn
 
 from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS
+from posterrl.files import replace_dir, staging_dir
 from posterrl.images import canvas_tensor
 from posterrl.models.samples import EditSample, PreferencePair
 
@@ -163,22 +162,11 @@ def pair_sides(pairs: Sequence[PreferencePair]) -> tuple[list[EditSample], list[
 
 def save_reward_model(model: nn.Module, directory: str | Path) -> Path:
     """Weights and spec into `directory`, written beside it first and moved in whole."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(directory)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
     (tmp / MODEL_SPEC_FILE).write_text(json.dumps(model.spec, indent=2) + "\n")
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-    return directory
+    return replace_dir(tmp, directory)
 
 
 def load_reward_model(directory: str | Path) -> ConvRewardModel | VlmRewardModel:

@@ -1,5 +1,6 @@
 """The learner core in-process at world size 1 (no Ray): every task through DeepSpeed on gloo, fp32 and bf16."""
 
+import json
 import pickle
 import random
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from learner.core import Learner
 from learner.safe_load import load_rng_state, save_rng_state
 from learner.tasks import TASKS
-from posterrl.checkpoints import CheckpointError
+from posterrl.checkpoints import LATEST_FILE, CheckpointError, read_latest, write_checkpoint_manifest
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import build_samples, write_samples
 from posterrl.experience import RlSample
@@ -174,6 +175,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(learner, rows, tmp_path, vic
         torch.save({"module": _Planted(marker)}, folder / victim)
     else:
         (folder / victim).write_bytes(pickle.dumps(_Planted(marker)))
+    write_checkpoint_manifest(folder)  # whoever planted it rewrote the manifest too: the load itself refuses
     with pytest.raises(CheckpointError, match=victim):
         learner.load_checkpoint(str(tmp_path / "ck"))
     assert not marker.exists()
@@ -185,3 +187,61 @@ def test_rng_states_round_trip_without_pickle(tmp_path):
     load_rng_state(tmp_path / "rng.safetensors")
     again = (torch.rand(3), np.random.rand(3), random.random(), random.gauss(0, 1))
     assert torch.equal(drawn[0], again[0]) and np.array_equal(drawn[1], again[1]) and drawn[2:] == again[2:]
+
+
+def _save_steps(learner, rows, root, steps, keep_last=2):
+    tags = []
+    for _ in range(steps):
+        learner.train_step(rows)
+        tags.append(learner.save_checkpoint(str(root), {"data_position": learner.current_step()}, keep_last))
+    return tags
+
+
+def test_rerunning_a_stage_never_prunes_the_checkpoint_latest_names(learner, rows, tmp_path):
+    root = tmp_path / "ck"
+    learner.start("sft", seed=0)
+    first = _save_steps(learner, rows, root, 3)
+    assert sorted(p.name for p in root.glob("step_*")) == first[1:]
+    learner.start("sft", seed=0)  # the stage again in the same run dir: steps count from 0 again
+    tag = _save_steps(learner, rows, root, 1)[0]
+    assert tag == "step_0000001" and read_latest(root)["tag"] == tag  # read_latest checks the folder exists
+    assert learner.load_checkpoint(str(root))["data_position"] == 1
+    again = _save_steps(learner, rows, root, 2)
+    names = sorted(p.name for p in root.glob("step_*"))
+    assert again[-1] in names and again[-2] in names and "step_0000001" not in names  # older by step: pruned
+
+
+def _damage(folder, name):
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(learner, rows, tmp_path, capsys):
+    root = tmp_path / "ck"
+    learner.start("sft", seed=0)
+    first, second = _save_steps(learner, rows, root, 2)
+    files = [f["size"] for f in json.loads((root / second / "checkpoint.json").read_text())["files"].values()]
+    assert files and all(size > 0 for size in files)
+    _damage(root / second, "mp_rank_00_model_states.pt")
+    state = learner.load_checkpoint(str(root))
+    assert state["data_position"] == 1 and learner.current_step() == 1
+    out = capsys.readouterr().out
+    assert f"{root / second / 'mp_rank_00_model_states.pt'}" in out and str(root / first) in out
+    _damage(root / first, "rng_rank0.safetensors")
+    with pytest.raises(CheckpointError, match="rng_rank0.safetensors") as error:
+        learner.load_checkpoint(str(root))
+    assert "mp_rank_00_model_states.pt" in str(error.value)
+
+
+def test_a_missing_file_or_manifest_is_not_loaded(learner, rows, tmp_path):
+    root = tmp_path / "ck"
+    learner.start("sft", seed=0)
+    _, second = _save_steps(learner, rows, root, 2)
+    (root / second / "rng_rank0.safetensors").unlink()
+    assert learner.load_checkpoint(str(root))["data_position"] == 1
+    (root / "step_0000001" / "checkpoint.json").unlink()  # a save that never finished
+    with pytest.raises(CheckpointError, match="checkpoint.json does not exist"):
+        learner.load_checkpoint(str(root))
+    assert (root / LATEST_FILE).is_file()

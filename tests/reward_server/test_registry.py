@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import logging
+import os
 import threading
 import time
 
@@ -151,8 +153,57 @@ def test_unloadable_journaled_scorer_is_reported_not_fatal(tmp_path):
     registry = RewardRegistry(samples(2), journal, loader=loader)
     problems = registry.restore([ScorerSpec("a", "preservation", path="1")])
     assert any("gone" in p and "failed to load" in p for p in problems)
-    assert any("line 2 is not JSON" in p for p in problems)
+    assert any(f"{journal.path}:2: not JSON" in p for p in problems)
     assert registry.versions() == {"a": 1}
+
+
+def test_journal_skips_torn_and_misshapen_lines_and_keeps_the_rest(tmp_path, caplog):
+    path = tmp_path / "journal.jsonl"
+    spec = {"name": "b", "kind": "preservation", "weight": 1.0, "path": "2", "backend": None, "url": None}
+    path.write_text("\n".join([
+        json.dumps({"time": "t", "op": "add", "spec": spec, "version": 2}),
+        '{"op": "swap", "spec": {"na',  # torn in the middle of the file
+        json.dumps({"time": "t", "op": "set_weight", "name": "b"}),  # no weight
+        json.dumps({"time": "t", "op": "rename", "name": "b"}),  # unknown op
+        json.dumps({"time": "t", "op": "swap", "version": 3}),  # no spec
+        "[1, 2]",
+        json.dumps({"time": "t", "op": "set_weight", "name": "b", "weight": 3.0}),
+    ]) + "\n")
+    journal = Journal(path)
+    with caplog.at_level(logging.WARNING):
+        records, problems = journal.read()
+    assert [r["op"] for r in records] == ["add", "set_weight"]
+    assert [p.split(": ")[0] for p in problems] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert "not JSON" in problems[0] and "weight" in problems[1] and "unknown op 'rename'" in problems[2]
+    assert "spec" in problems[3] and "expected an object" in problems[4]
+    assert f"{path}:4" in caplog.text
+    registry = RewardRegistry(samples(2), journal, loader=loader)
+    assert len(registry.restore([ScorerSpec("a", "preservation", path="1")])) == 5  # no KeyError: it starts
+    assert registry.versions() == {"a": 1, "b": 2}
+    assert registry.score(samples(1))[0].reward == pytest.approx(1 + 3 * 2)
+
+
+def test_journal_append_after_a_torn_line_keeps_the_new_record(tmp_path, monkeypatch):
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.append("remove", name="x", version=1)
+    with journal.path.open("a") as handle:
+        handle.write('{"op": "swap", "spec": {"na')  # a crash mid-append, no newline
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    journal.append("set_weight", name="y", weight=2.0, version=1)
+    assert synced  # the append is on disk before the change is acknowledged
+    records, problems = journal.read()
+    assert [(r["op"], r["name"]) for r in records] == [("remove", "x"), ("set_weight", "y")]
+    assert len(problems) == 1 and f"{journal.path}:2" in problems[0]
+
+
+def test_journal_record_glued_to_a_torn_line_is_recovered(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"op": "swap", "spec": {"na' + json.dumps({"time": "t", "op": "remove", "name": "a"}) + "\n")
+    records, problems = Journal(path).read()
+    assert records == [{"time": "t", "op": "remove", "name": "a"}]
+    assert f"{path}:1" in problems[0] and "kept" in problems[0]
 
 
 def test_no_live_scorer_gives_no_reward(registry):
