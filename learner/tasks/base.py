@@ -54,6 +54,16 @@ class TrainingTask(Protocol):
         ...
 
 
+class StatelessTask:
+    """For tasks whose whole state is the engine's: nothing of their own to checkpoint."""
+
+    def state(self) -> TaskState:
+        return TaskState()
+
+    def load_state(self, state: TaskState) -> None:
+        pass
+
+
 def build_policy(config: Config, state: dict[str, torch.Tensor] | None) -> EditPolicy:
     """The edit policy from config, with `state` loaded when given."""
     policy = EditPolicy.from_config(config.model, config.rollout)

@@ -13,7 +13,7 @@ from torch import nn
 from learner.distributed import train_dtype
 from learner.flow import draw_flow_inputs
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
-from learner.tasks.base import Stats, TaskState, build_policy, export_policy, frozen_policy
+from learner.tasks.base import StatelessTask, Stats, build_policy, export_policy, frozen_policy
 from posterrl.batch import collate
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
@@ -51,7 +51,7 @@ def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, devi
     return FlowForward(v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
 
 
-class SftTask:
+class SftTask(StatelessTask):
     """Flow matching on manifest rows (inputs, instruction, target): one expert per regime."""
 
     def __init__(self, config: Config, device: torch.device, seed: int,
@@ -67,12 +67,6 @@ class SftTask:
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
         f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
         return flow_matching_loss(f.v, f.x0, f.eps)
-
-    def state(self) -> TaskState:
-        return TaskState()
-
-    def load_state(self, state: TaskState) -> None:
-        pass
 
     def export(self, module: nn.Module, directory: str) -> None:
         export_policy(module, directory)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from learner.bt_loss import bradley_terry_loss
-from learner.tasks.base import Stats, TaskState
+from learner.tasks.base import StatelessTask, Stats
 from posterrl.batch import on_device
 from posterrl.config import Config
 from posterrl.models.reward_model import ConvRewardModel, build_reward_model, pair_sides, save_reward_model
@@ -22,7 +22,7 @@ from posterrl.models.samples import PreferencePair
 from posterrl.models.vlm_reward import VlmRewardModel
 
 
-class RewardModelTask:
+class RewardModelTask(StatelessTask):
     def __init__(self, config: Config, device: torch.device, seed: int, spec: dict,
                  pairs: list[PreferencePair]):
         rm = config.reward_model
@@ -59,12 +59,6 @@ class RewardModelTask:
                 chosen += model(**on_device(model.prepare(sides[0]), self.device, dtype)).float().cpu().tolist()
                 rejected += model(**on_device(model.prepare(sides[1]), self.device, dtype)).float().cpu().tolist()
         return chosen, rejected
-
-    def state(self) -> TaskState:
-        return TaskState()
-
-    def load_state(self, state: TaskState) -> None:
-        pass
 
     def export(self, module: nn.Module, directory: str) -> None:
         save_reward_model(module, directory)
