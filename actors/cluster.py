@@ -16,6 +16,7 @@ import ray
 from ray._raylet import AuthenticationTokenLoader
 from ray._raylet import Config as RayConfig
 
+from actors.faults import wait_all
 from posterrl.config import Config
 from posterrl.errors import UserError
 from posterrl.runlog import TOKEN_FILE, write_private_file
@@ -44,7 +45,7 @@ class ClusterError(UserError):
     """The Ray cluster named by --address / cluster.address could not be reached; the message names it."""
 
 
-def connect(config: Config, address: str | None = None, run_dir: str | Path | None = None) -> None:
+def connect(config: Config, address: str | None = None, run_dir: str | Path | None = None) -> bool:
     """Join `address` (or cluster.address), or start a local cluster sized by cluster.num_cpus; a local one
     gets a new token in run_dir (or, without run_dir, Ray's default token handling).
 
@@ -52,22 +53,24 @@ def connect(config: Config, address: str | None = None, run_dir: str | Path | No
     otherwise join whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names, and a head that died
     without `ray stop` leaves that file behind, so the next run failed with "When connecting to an
     existing cluster, num_cpus and num_gpus must not be provided". To join a cluster, pass --address.
+    Returns whether this call connected (the caller then disconnects with ray.shutdown()).
     """
     if ray.is_initialized():
-        return
+        return False
     address = address or config.cluster.address
     if address:
         try:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as exc:
             raise ClusterError(f"cannot reach the Ray cluster at --address {address}: {exc}") from None
-        return
+        return True
     if run_dir is not None:
         new_run_token(run_dir)
     os.environ.pop(RAY_ADDRESS_VAR, None)  # names another cluster: not for this run's processes either
     ray.init(address="local", num_cpus=config.cluster.num_cpus, num_gpus=config.cluster.num_gpus,
              include_dashboard=config.cluster.dashboard, dashboard_host=config.cluster.dashboard_host,
              log_to_driver=True)
+    return True
 
 
 def auth_info() -> dict[str, str | None]:
@@ -81,10 +84,11 @@ def _node_of_actor(actor: object) -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
 
-def rendezvous_host(actors: list) -> str:
+def rendezvous_host(actors: list, timeout_s: float) -> str:
     """Where actors[0] should listen for the others (a process group's store): 127.0.0.1 when every actor
     runs on its node, else its node's IP as Ray reports it (never all interfaces)."""
-    nodes = ray.get([actor.__ray_call__.remote(_node_of_actor) for actor in actors])
+    nodes = wait_all([actor.__ray_call__.remote(_node_of_actor) for actor in actors], timeout_s,
+                     [f"actor {i} of the process group" for i in range(len(actors))])
     return "127.0.0.1" if all(node == nodes[0][0] for node, _ in nodes) else nodes[0][1]
 
 

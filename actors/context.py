@@ -10,11 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.tensorboard import SummaryWriter
 
+from actors.faults import FaultLog, RunAborted, wait_all
 from actors.learner_group import LearnerGroup
 from actors.reward_server import start_reward_server
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
+from posterrl.errors import Interrupted
 from posterrl.models.reward_model import MODEL_SPEC_FILE
 from posterrl.runlog import RunDir
 
@@ -28,6 +30,9 @@ class PipelineContext:
     resume: bool = False
     global_step: int = 0  # learner steps over all stages so far: the x axis of TensorBoard
     rows: dict[str, list[ManifestRow]] = field(default_factory=dict)  # split -> rows, loaded once by the data stage
+    faults: FaultLog = field(default_factory=FaultLog)  # what the run survived, for faults/... and summary.json
+    stop_requested: bool = False  # Ctrl-C: stop at the next safe point, after a checkpoint
+    stage: str = "setup"  # the stage running now (what a stopped run's summary names)
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
     _reward_server: ray.actor.ActorHandle | None = None  # the named reward-server actor (start_reward_server)
@@ -55,7 +60,8 @@ class PipelineContext:
         elif reload:
             for scorer in self.config.reward.scorers:
                 if scorer.kind == "bradley_terry" and scorer.path is None:
-                    answer = ray.get(self._reward_server.swap.remote(scorer.name))
+                    answer = wait_all([self._reward_server.swap.remote(scorer.name)],
+                                      self.config.cluster.call_timeout_s, ["the reward server (swap)"])[0]
                     if not answer["ok"]:
                         raise RuntimeError(f"reward server: reloading {scorer.name} failed: {answer['error']}")
         return self._reward_server
@@ -70,9 +76,18 @@ class PipelineContext:
         with self.progress() as progress:
             bar = progress.add_task(description, total=len(refs), info="")
             pending = list(refs)
-            while pending:
-                _, pending = ray.wait(pending, num_returns=1)
+            timeout_s = self.config.cluster.call_timeout_s
+            while pending:  # failures surface in the caller's wait_all
+                ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+                if not ready:
+                    raise RunAborted(f"{description}: {len(pending)} of {len(refs)} answers missing after "
+                                     f"{timeout_s:g} s without progress (cluster.call_timeout_s)")
                 progress.update(bar, completed=len(refs) - len(pending))
+
+    def stop_point(self, where: str) -> None:
+        """A safe place to stop (the caller has checkpointed what it must): after Ctrl-C, raise Interrupted."""
+        if self.stop_requested:
+            raise Interrupted(f"stopped by Ctrl-C at {where}; continue with --resume")
 
     def rollout_group(self) -> RolloutActorGroup:
         """Started on first use and kept for the whole run."""

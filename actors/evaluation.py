@@ -12,7 +12,6 @@ import numpy as np
 import ray
 
 from actors.context import PipelineContext
-from actors.rollout_group import gather
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
@@ -80,7 +79,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
         group.load_weights(policy_state, version=ctx.global_step if version is None else version)
     refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
     ctx.wait_with_progress(refs, f"eval: sampling {label} ({len(rows)} prompts)")
-    groups = gather(refs)
+    groups = group.gather(refs, f"eval {label}")
 
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)

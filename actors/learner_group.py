@@ -11,17 +11,26 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import rendezvous_host, threads_for
+from actors.faults import ActorLost, RunAborted, wait_all
 from learner.core import Learner, StepStats
 from posterrl.config import Config
+
+SHUTDOWN_GRACE_S = 10.0  # how long ranks get to leave their process groups before they are killed
 
 
 class LearnerGroup:
     def __init__(self, config: Config):
         lc = config.learner
         self.gpus_per_rank = lc.gpus_per_rank
+        self.timeout_s = config.cluster.call_timeout_s
         bundle = {"CPU": lc.cpus_per_rank, **({"GPU": lc.gpus_per_rank} if lc.gpus_per_rank else {})}
         self.placement = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ray.get(self.placement.ready())
+        ready, _ = ray.wait([self.placement.ready()], timeout=self.timeout_s)
+        if not ready:
+            remove_placement_group(self.placement)
+            raise RunAborted(f"the cluster has no room for {lc.num_ranks} learner rank(s) of {bundle} after "
+                             f"{self.timeout_s:g} s (cluster.call_timeout_s): check learner.cpus_per_rank / "
+                             "gpus_per_rank against `ray status`")
         remote_learner = ray.remote(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank)(Learner)
         self.ranks = [
             remote_learner.options(
@@ -31,13 +40,22 @@ class LearnerGroup:
         ]
         # Rank 0 opens the rendezvous store on loopback when every rank shares its node, else on the node IP
         # Ray reports; the store is bound before anyone is told its port. Every rank then joins at once.
-        master_addr = rendezvous_host(self.ranks)
-        master_port = ray.get(self.ranks[0].open_rendezvous.remote(master_addr))
-        ray.get([r.join.remote(master_addr, master_port) for r in self.ranks])
+        master_addr = rendezvous_host(self.ranks, self.timeout_s)
+        master_port = self._wait([self.ranks[0].open_rendezvous.remote(master_addr)], "open_rendezvous")[0]
+        self._wait([r.join.remote(master_addr, master_port) for r in self.ranks], "join")
+
+    def _wait(self, refs: list[ray.ObjectRef], method: str) -> list:
+        """The ranks' answers; a rank that died stops the run at once (the others would wait for it in a
+        collective forever), naming the rank."""
+        try:
+            return wait_all(refs, self.timeout_s, [f"learner rank {rank} ({method})" for rank in range(len(refs))])
+        except ActorLost as exc:
+            raise RunAborted(f"{exc}\nthe learner group cannot go on without it; the run stops. Resume it with "
+                             "--resume (from the stage's last checkpoint)") from exc
 
     def call(self, method: str, *args, **kwargs) -> list:
         """The same method on every rank, concurrently (collectives need all ranks)."""
-        return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])
+        return self._wait([getattr(r, method).remote(*args, **kwargs) for r in self.ranks], method)
 
     def start(self, task: str, seed: int, **inputs: Any) -> int:
         """Start `task` (learner.tasks.TASKS) on every rank; inputs (weights, experts, pairs) go through the
@@ -49,12 +67,18 @@ class LearnerGroup:
         """One optimizer step of the running task on a global batch, stats averaged over ranks."""
         return self.call("train_step", ray.put(list(batch)))[0]
 
+    def rank0(self, method: str, *args: Any) -> Any:
+        """A method that only rank 0 answers (no collective), e.g. the weights or a scoring pass."""
+        return self._wait([getattr(self.ranks[0], method).remote(*args)], method)[0]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return ray.get(self.ranks[0].state_dict.remote())
+        return self.rank0("state_dict")
 
     def shutdown(self) -> None:
+        """Leave the process groups and stop the ranks. Ranks stuck in a collective (a peer died) do not
+        answer: they get SHUTDOWN_GRACE_S, then every rank is killed either way, so none is left behind."""
         try:
-            self.call("shutdown")
+            ray.wait([r.shutdown.remote() for r in self.ranks], num_returns=len(self.ranks), timeout=SHUTDOWN_GRACE_S)
         finally:
             for rank in self.ranks:
                 ray.kill(rank)

@@ -6,11 +6,15 @@ that says which stages exist. Figures go to summary.json; metrics to TensorBoard
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
@@ -85,35 +89,80 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
     sizes.add_row("stages", " -> ".join(config.stages))
     console.print(sizes)
 
-    connect(config, address, run_dir=run.root)
+    connected = connect(config, address, run_dir=run.root)
     writer = SummaryWriter(str(run.tb)) if config.logging.tensorboard else None
     ctx = PipelineContext(config, run, console, writer, resume=resume, global_step=run.summary().get("global_step", 0))
     done = set(run.summary().get("completed", [])) if resume else set()
     try:
-        for stage in config.stages:
-            if stage in done and stage != "data":
-                console.print(f"[dim]{stage}: done in an earlier attempt, skipped (--resume)")
-                continue
-            console.rule(f"stage {stage}")
-            started = time.perf_counter()
-            figures = STAGE_RUNNERS[stage](ctx)
-            figures["seconds"] = round(time.perf_counter() - started, 2)
-            run.record_stage(stage, figures)
-            summary = run.summary()
-            summary["global_step"] = ctx.global_step
-            summary["completed"] = sorted(set(summary.get("completed", [])) | {stage}, key=STAGE_ORDER.index)
-            run.write_summary(summary)
-            console.print(f"stage {stage} finished in {figures['seconds']:.1f} s")
+        with stop_on_sigint(ctx):
+            return run_stages(ctx, done)
+    except BaseException as exc:  # the record of what stopped the run; re-raised at once
         summary = run.summary()
-        if summary.get("gold"):
-            print_gold_table(console, summary["gold"])
-        if summary.get("reward"):
-            order = [label for label in summary.get("gold", {}) if label in summary["reward"]]
-            rows = {label: summary["reward"][label] for label in order + sorted(set(summary["reward"]) - set(order))}
-            print_gold_table(console, rows, "learned reward of the same held-out samples (served)")
-        console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")
-        return summary
+        summary["faults"] = ctx.faults.summary()
+        summary["stopped"] = {"stage": ctx.stage, "type": type(exc).__name__, "error": str(exc),
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        run.write_summary(summary)
+        raise
     finally:
         ctx.shutdown()
         if writer is not None:
             writer.close()
+        if connected:
+            ray.shutdown()
+
+
+@contextmanager
+def stop_on_sigint(ctx: PipelineContext) -> Iterator[None]:
+    """Ctrl-C asks the stages to stop at their next safe point (after a checkpoint); a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def request_stop(signum, frame) -> None:
+        if ctx.stop_requested:
+            raise KeyboardInterrupt
+        ctx.stop_requested = True
+        ctx.console.print("[yellow]Ctrl-C: stopping at the next safe point, after a checkpoint "
+                          "(Ctrl-C again stops at once)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_stages(ctx: PipelineContext, done: set[str]) -> dict[str, Any]:
+    """config.stages in order (after a resume, the ones not done yet), each recorded in summary.json."""
+    config, run, console = ctx.config, ctx.run, ctx.console
+    for stage in config.stages:
+        if stage in done and stage != "data":
+            console.print(f"[dim]{stage}: done in an earlier attempt, skipped (--resume)")
+            continue
+        ctx.stop_point(f"the start of stage {stage}")
+        ctx.stage = stage
+        console.rule(f"stage {stage}")
+        started = time.perf_counter()
+        figures = STAGE_RUNNERS[stage](ctx)
+        figures["seconds"] = round(time.perf_counter() - started, 2)
+        run.record_stage(stage, figures)
+        summary = run.summary()
+        summary["global_step"] = ctx.global_step
+        summary["completed"] = sorted(set(summary.get("completed", [])) | {stage}, key=STAGE_ORDER.index)
+        summary["faults"] = ctx.faults.summary()
+        run.write_summary(summary)
+        console.print(f"stage {stage} finished in {figures['seconds']:.1f} s")
+    summary = run.summary()
+    if "stopped" in summary:  # an earlier attempt's stop, now resumed past
+        summary.setdefault("earlier_stops", []).append(summary.pop("stopped"))
+        run.write_summary(summary)
+    if summary.get("gold"):
+        print_gold_table(console, summary["gold"])
+    if summary.get("reward"):
+        order = [label for label in summary.get("gold", {}) if label in summary["reward"]]
+        rows = {label: summary["reward"][label] for label in order + sorted(set(summary["reward"]) - set(order))}
+        print_gold_table(console, rows, "learned reward of the same held-out samples (served)")
+    if any(ctx.faults.counts.values()):
+        console.print("faults survived: " + ", ".join(f"{k} {v}" for k, v in ctx.faults.counts.items() if v))
+    console.print(f"run directory: {run.root} (TensorBoard: tensorboard --logdir {run.tb})")
+    return summary

@@ -7,11 +7,10 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 
 from actors.context import PipelineContext
 from actors.evaluation import latest_policy_dir
-from actors.rollout_group import gather, output_size
+from actors.rollout_group import output_size
 from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.models.reward_model import MODEL_SPEC_FILE, reward_model_spec
@@ -29,7 +28,7 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
     bt = ctx.config.reward_model
     refs = ctx.rollout_group().submit(rows, group_size=bt.samples_per_prompt, base_seed=seed)
     ctx.wait_with_progress(refs, f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})")
-    groups = gather(refs)
+    groups = ctx.rollout_group().gather(refs, f"reward: sampling {label}")
     outputs = [(row, group.output_images(size=output_size(row, group)))
                for row, group in zip(rows, groups, strict=True)]
     return pairs_from_groups(outputs, noise=noise, tie_threshold=bt.tie_threshold if noise else 0.0,
@@ -37,7 +36,7 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
 
 
 def held_out_accuracy(ctx: PipelineContext, pairs: list[PreferencePair]) -> dict[str, float]:
-    chosen, rejected = ray.get(ctx.learner_group().ranks[0].pair_scores.remote(pairs))
+    chosen, rejected = ctx.learner_group().rank0("pair_scores", pairs)
     return pairwise_accuracy(np.asarray(chosen), np.asarray(rejected), pairs)
 
 
@@ -101,6 +100,8 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
                 history.append({"step": step + 1, **accuracy})
                 info += f"  held-out acc {accuracy['pairwise_accuracy']:.3f}"
             progress.update(bar, completed=step + 1, info=info)
+            if step + 1 < bt.steps:
+                ctx.stop_point(f"reward step {step + 1} (this stage keeps no checkpoint: --resume starts it over)")
     learners.call("export", str(export_dir))
     if not (export_dir / MODEL_SPEC_FILE).is_file():
         raise RuntimeError(f"reward: the learner did not export a reward model to {export_dir}")

@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.context import PipelineContext
 from actors.evaluation import evaluate, latest_policy_dir
+from actors.faults import FaultEvent, RewardGuard, RunAborted, wait_all
+from actors.rollout_group import Chunk, ChunkResult, edit_samples
 from actors.rollout_log import RolloutLog, oldest_policy_version
 from actors.weight_sync import Publication, WeightSync
 from learner.data import rl_batches, rl_prompts
@@ -46,27 +49,84 @@ class RolloutTimes:
 
 @dataclass
 class Pending:
-    """Rollouts submitted to the actors, not yet collected."""
+    """Rollouts submitted to the actors, not yet collected: one epoch's chunks."""
 
     epoch: int
     rows: list[ManifestRow]
-    refs: list[ray.ObjectRef]
+    chunks: list[Chunk]
+    step: int  # the global step the reward server is told (where its changes line up in TensorBoard)
     submitted: float = field(default_factory=time.perf_counter)
 
-    def collect(self) -> tuple[list[Experience], RolloutTimes]:
-        """One Experience per submitted row, in submission order, with the reward server's answers."""
-        ray.wait(self.refs, num_returns=len(self.refs))
-        sampled_at = time.perf_counter()
-        chunks = ray.get(self.refs)  # in submission order: (groups, rewards ref)
-        groups = [g for chunk_groups, _ in chunks for g in chunk_groups]
-        flat = [r for rewards in ray.get([ref for _, ref in chunks]) for r in rewards]  # group-major
+    def collect(self, stage: RlStage) -> tuple[list[Experience], RolloutTimes]:
+        """One Experience per submitted row, in submission order, with the reward server's answers.
+
+        A chunk whose actor died is sampled again (same rows, seed and weights); a chunk whose reward answer
+        was lost (the server out of retries, or the rollout actor that asked died) is scored again from
+        here. Both are counted in faults/; nothing is dropped or taken twice.
+        """
+        rollouts, faults, group_size = stage.rollouts, stage.ctx.faults, stage.ctx.config.rollout.group_size
+        seed = stage.base_seed + self.epoch
+        sampling: dict[ray.ObjectRef, Chunk] = {c.ref: c for c in self.chunks if c.ref is not None}
+        scoring: dict[ray.ObjectRef, tuple[Chunk, int]] = {}  # rewards ref -> chunk, attempt
+        redispatched: dict[int, FaultEvent] = {}  # chunk index -> its open fault event
+        sampled_at = self.submitted
+        while sampling or scoring:
+            ready, _ = ray.wait([*sampling, *scoring], num_returns=1, timeout=rollouts.timeout_s)
+            if not ready:
+                waiting = [c.what for c in sampling.values()] + [f"the reward server ({c.what})"
+                                                                for c, _ in scoring.values()]
+                raise RunAborted(f"rl epoch {self.epoch}: no answer for {rollouts.timeout_s:g} s "
+                                 f"(cluster.call_timeout_s) from {'; '.join(waiting)}")
+            ref = ready[0]
+            if ref in sampling:
+                chunk = sampling.pop(ref)
+                try:
+                    result: ChunkResult = ray.get(ref, timeout=0)
+                except RayActorError as exc:
+                    redispatched[chunk.index] = faults.record("rollout_chunks_redispatched", chunk.what)
+                    rollouts.redispatch(chunk, exc, group_size, seed, stage.server, self.step)
+                    assert chunk.ref is not None  # dispatch set it
+                    sampling[chunk.ref] = chunk
+                    continue
+                except RayTaskError as exc:
+                    raise RunAborted(f"rl epoch {self.epoch}: {chunk.what} failed: {exc}") from exc
+                if rollouts.note_pid(chunk.actor, result.pid):
+                    faults.record("rollout_actor_restarts", f"rollout actor {chunk.actor}").recovered_at = time.time()
+                if chunk.index in redispatched:
+                    redispatched.pop(chunk.index).recovered_at = time.time()
+                chunk.groups = result.groups
+                scoring[result.rewards] = (chunk, 1)
+                sampled_at = time.perf_counter()
+            else:
+                chunk, attempt = scoring.pop(ref)
+                try:
+                    chunk.rewards = ray.get(ref, timeout=0)
+                except (RayActorError, ObjectLostError) as exc:  # ObjectLostError: the asking actor died
+                    if attempt >= rollouts.max_attempts:
+                        raise RunAborted(f"rl epoch {self.epoch}: the reward server did not answer for {chunk.what} "
+                                         f"in {attempt} attempts (rollout.max_chunk_attempts): {exc}") from exc
+                    faults.record("reward_requests_retried", chunk.what)
+                    assert chunk.groups is not None  # scored only once sampled
+                    edits = [e for row, group in zip(chunk.rows, chunk.groups, strict=True)
+                             for e in edit_samples(row, group)]
+                    scoring[stage.server.score.remote(edits, self.step)] = (chunk, attempt + 1)
+                except RayTaskError as exc:
+                    raise RunAborted(f"rl epoch {self.epoch}: the reward server failed on {chunk.what}: {exc}") from exc
         reward_s = time.perf_counter() - sampled_at
-        experiences, start = [], 0
-        for row, group in zip(self.rows, groups, strict=True):
-            k = group.samples.shape[0]
-            experiences.append(Experience.from_rollout(row, group, flat[start : start + k]))
-            start += k
+        experiences = []
+        for chunk in self.chunks:
+            assert chunk.groups is not None and chunk.rewards is not None  # the loop above ran until both are in
+            start = 0
+            for row, group in zip(chunk.rows, chunk.groups, strict=True):
+                k = group.samples.shape[0]
+                experiences.append(Experience.from_rollout(row, group, chunk.rewards[start : start + k]))
+                start += k
         return experiences, RolloutTimes(rollout_s=sampled_at - self.submitted, reward_s=reward_s)
+
+    def wait(self, timeout_s: float) -> None:
+        """Let chunks that will not be used finish (their results are dropped; failures do not matter)."""
+        refs = [c.ref for c in self.chunks if c.ref is not None]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
 @dataclass
@@ -129,14 +189,16 @@ class RlStage:
         ctx.global_step = self.base_step + self.learner_step
         self.log = RolloutLog(ctx)
         self.base_seed = cfg.rollout.seed + ROLLOUT_SEED_OFFSET
-        self.sync = WeightSync(self.learners, self.rollouts, cfg.rollout.weight_sync)
+        self.sync = WeightSync(self.learners, self.rollouts, cfg.rollout.weight_sync, ctx.faults)
+        self.guard = RewardGuard(rl.max_unscored_fraction, rl.unscored_patience)
+        self.server_pid: int | None = None
         self.unresolved: Publication | None = None  # off_policy: the last publish, resolved an epoch later
 
     def submit(self, epoch: int) -> Pending:
         prompts = rl_prompts(self.rows, self.rl.prompts_per_epoch, self.rl.seed, epoch, self.retirement.retired)
-        refs = self.rollouts.submit_scored(prompts, self.ctx.config.rollout.group_size, self.base_seed + epoch,
-                                           self.server, self.ctx.global_step)
-        return Pending(epoch, prompts, refs)
+        chunks = self.rollouts.submit_scored(prompts, self.ctx.config.rollout.group_size, self.base_seed + epoch,
+                                             self.server, self.ctx.global_step)
+        return Pending(epoch, prompts, chunks, self.ctx.global_step)
 
     def train(self, epoch: int, samples: list[RlSample]) -> EpochTraining:
         """rl.passes over the samples in rl_batches, then the soft update of theta_old, published as epoch + 1."""
@@ -160,6 +222,21 @@ class RlStage:
         previous, self.unresolved = self.unresolved, publication
         return previous.wait() if previous is not None else None
 
+    def check_rewards(self, epoch: int, experiences: list[Experience]) -> None:
+        """Count the samples without a reward, notice a restarted reward server, and stop the run when the
+        reward guard trips (rl.max_unscored_fraction for rl.unscored_patience epochs)."""
+        failed = [f for e in experiences for f in e.failed]
+        rewarded = [bool(np.isfinite(value)) for e in experiences for value in e.reward]
+        unscored = rewarded.count(False)
+        if unscored:
+            self.ctx.faults.record("unscored_samples", f"rl epoch {epoch}", unscored)
+        pid = wait_all([self.server.describe.remote()], self.rollouts.timeout_s, ["the reward server"])[0]["pid"]
+        if self.server_pid is not None and pid != self.server_pid:
+            event = self.ctx.faults.record("reward_server_restarts", f"pid {self.server_pid} -> {pid}")
+            event.recovered_at = time.time()
+        self.server_pid = pid
+        self.guard.observe(epoch, rewarded, failed)
+
     def log_epoch(self, epoch: int, experiences: list[Experience], scored: EpochScores, times: RolloutTimes,
                   trained: EpochTraining, began: float) -> dict[str, float]:
         """The epoch's scalars to TensorBoard, and on their cadence the rollout grids and the dumps."""
@@ -182,6 +259,7 @@ class RlStage:
         })
         if trained.sync_s is not None:
             values["perf/weight_sync_s"] = trained.sync_s
+        values.update(self.ctx.faults.scalars())
         self.ctx.scalars(values)
         if every(rl.log_images_every, epoch) or epoch == self.start_epoch:
             self.log.grids(epoch, experiences, rl.log_groups)
@@ -211,7 +289,8 @@ class RlStage:
                 began = time.perf_counter()
                 if not in_flight:
                     in_flight.append(self.submit(epoch))
-                experiences, times = in_flight.popleft().collect()
+                experiences, times = in_flight.popleft().collect(self)
+                self.check_rewards(epoch, experiences)
                 # off_policy: the next epochs' rollouts start now, on the weights the actors hold, while we train.
                 while len(in_flight) < ahead and in_flight_end(in_flight, epoch) < rl.epochs:
                     in_flight.append(self.submit(in_flight_end(in_flight, epoch)))
@@ -227,20 +306,24 @@ class RlStage:
                     record.update(self.evaluate(epoch))
                     progress.start()
                 self.history.append(record)
-                if every(rl.checkpoint_every, epoch) and epoch + 1 < rl.epochs:
+                if epoch + 1 < rl.epochs and (every(rl.checkpoint_every, epoch) or ctx.stop_requested):
                     self.save_checkpoint(epoch + 1)
                 info = (f"reward {values.get('reward/combined/mean', float('nan')):.3f}  "
                         f"|A| {values['rl/advantage_abs_mean']:.2f}  v{version}")
                 if newly_retired:
                     info += f"  retired {len(newly_retired)}"
                 progress.update(bar, completed=epoch + 1, info=info)
+                if epoch + 1 < rl.epochs and ctx.stop_requested:
+                    for pending in in_flight:  # off_policy: a resume submits these again
+                        pending.wait(self.rollouts.timeout_s)
+                    ctx.stop_point(f"rl epoch {epoch + 1}, after its checkpoint")
             for pending in in_flight:  # off_policy: rollouts past the last epoch are not used
-                ray.get(pending.refs)
+                pending.wait(self.rollouts.timeout_s)
         self.save_checkpoint(rl.epochs)
         export_dir = ctx.run.stage_checkpoint("rl")
         self.learners.call("export", str(export_dir))
         return {"start_policy": str(self.source), "mode": rl.mode, "epochs": rl.epochs, "history": self.history,
-                "export": str(export_dir), "steps": self.learner_step}
+                "export": str(export_dir), "steps": self.learner_step, "faults": self.ctx.faults.counts}
 
 
 def run_rl(ctx: PipelineContext) -> dict[str, Any]:

@@ -1,15 +1,26 @@
-"""M rollout actors, each a `RolloutWorker` wrapped with `ray.remote` at spawn time."""
+"""M rollout actors, each a `RolloutWorker` wrapped with `ray.remote` at spawn time.
+
+The actors are restartable (rollout.max_restarts): Ray brings a dead actor back in a new process
+with random weights, so every rl chunk carries the weights it must be sampled with (an object-store
+reference and its version, nested so Ray does not fetch it unless the actor needs it). A restarted
+actor loads them before sampling; a chunk whose actor died is dispatched again with the same rows,
+seed and weights, so it gives the samples it would have given.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 import torch
 from PIL import Image
+from ray.exceptions import ActorDiedError
 
 from actors.cluster import threads_for
+from actors.faults import RunAborted, wait_all
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -37,27 +48,76 @@ def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
             for image in group.output_images(size=output_size(row, group))]
 
 
+@dataclass
+class ChunkResult:
+    """What a rollout actor returns for one rl chunk."""
+
+    groups: list[RolloutGroup]
+    rewards: ray.ObjectRef  # the reward server's answer for the chunk's samples (group-major)
+    pid: int  # the actor's process: a new one means Ray restarted the actor
+
+
+@dataclass
+class Chunk:
+    """Rows of one rl epoch sampled together on one actor, and where they are in their way."""
+
+    index: int
+    rows: list[ManifestRow]
+    weights: list  # [object ref or None, version]: the weights the rows are sampled with
+    actor: int = 0
+    ref: ray.ObjectRef | None = None  # -> ChunkResult
+    attempts: int = 0
+    groups: list[RolloutGroup] | None = None
+    rewards: list | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def what(self) -> str:
+        return f"rollout chunk {self.index} on actor {self.actor} (prompts {', '.join(r.id for r in self.rows)})"
+
+
 class RolloutActor(RolloutWorker):
     """A RolloutWorker that hands each finished chunk straight to the reward server, so scoring overlaps sampling."""
 
     def sample_and_score(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
-                         reward_server, step: int) -> tuple[list[RolloutGroup], ray.ObjectRef]:
-        """K samples per row, plus the reward server's answer for all of them (an ObjectRef, group-major order)."""
+                         reward_server, step: int, weights: list) -> ChunkResult:
+        """K samples per row with the given weights, plus the reward server's answer for all of them."""
+        self.ensure_weights(*weights)
         groups = self.sample(rows, group_size, base_seed, sampler)
         edits = [edit for row, group in zip(rows, groups, strict=True) for edit in edit_samples(row, group)]
-        return groups, reward_server.score.remote(edits, step)
+        return ChunkResult(groups, reward_server.score.remote(edits, step), os.getpid())
+
+    def ensure_weights(self, ref: ray.ObjectRef | None, version: int) -> None:
+        """Load `version` unless it is what the actor holds (it does unless Ray restarted it)."""
+        if self.policy_version == version:
+            return
+        if ref is None:
+            raise RuntimeError(f"rollout actor (pid {os.getpid()}) holds weights version {self.policy_version}, the "
+                               f"chunk needs {version}, and rollout.weight_sync=broadcast keeps no copy to load: "
+                               "a restarted actor cannot rejoin a broadcast group (use weight_sync object_store)")
+        self.load_weights(ray.get(ref, timeout=600), version)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class RolloutActorGroup:
     def __init__(self, config: Config):
         rc = config.rollout
+        self.timeout_s = config.cluster.call_timeout_s
+        self.max_attempts = rc.max_chunk_attempts
         remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)(RolloutActor)
+        # No task retries by Ray: the driver dispatches a lost chunk again itself, with its weights, and counts it.
         self.actors = [
-            remote_worker.remote(model=config.model.model_dump(mode="json"),
-                                 num_threads=threads_for(rc.cpus_per_actor))
+            remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0).remote(
+                model=config.model.model_dump(mode="json"), num_threads=threads_for(rc.cpus_per_actor))
             for _ in range(rc.num_actors)
         ]
         self.sampler = SamplerConfig.from_rollout(rc)
+        self.dead: set[int] = set()  # actors out of restarts
+        self.pids: list[int | None] = [None] * rc.num_actors
+        # The last weights published through the object store, and their version: what chunks carry.
+        self.current: tuple[ray.ObjectRef | None, int] = (None, 0)
 
     def publish(self, weights: dict[str, torch.Tensor | np.ndarray] | ray.ObjectRef,
                 version: int) -> list[ray.ObjectRef]:
@@ -67,10 +127,19 @@ class RolloutActorGroup:
         tasks already queued on it, so rollouts submitted before the publish keep their old version.
         """
         weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        return [a.load_weights.remote(weights_ref, version) for a in self.actors]
+        self.current = (weights_ref, version)
+        return [self.actors[i].load_weights.remote(weights_ref, version) for i in self.live()]
+
+    def set_version(self, version: int) -> None:
+        """Weights that reached the actors another way (a broadcast): chunks carry the version, no copy."""
+        self.current = (None, version)
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.dead]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor] | ray.ObjectRef, version: int) -> None:
-        ray.get(self.publish(state_dict, version))
+        refs = self.publish(state_dict, version)
+        wait_all(refs, self.timeout_s, [f"rollout actor {i} (load_weights)" for i in self.live()])
 
     def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:
         return [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
@@ -78,22 +147,54 @@ class RolloutActorGroup:
     def submit(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int,
                chunk: int = 4) -> list[ray.ObjectRef]:
         """Chunks of rows dealt round-robin to the actors; ref i resolves to chunk i's groups, in order."""
-        return [self.actors[i % len(self.actors)].sample.remote(c, group_size, base_seed, self.sampler)
+        live = self.live()
+        return [self.actors[live[i % len(live)]].sample.remote(c, group_size, base_seed, self.sampler)
                 for i, c in enumerate(self._chunks(rows, chunk))]
 
+    def gather(self, refs: list[ray.ObjectRef], what: str) -> list[RolloutGroup]:
+        """The groups of `submit`'s refs, in order; an actor that died stops the run (naming it)."""
+        shares = wait_all(refs, self.timeout_s, [f"{what}: rollout chunk {i}" for i in range(len(refs))])
+        return [group for share in shares for group in share]
+
     def submit_scored(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, reward_server, step: int,
-                      chunk: int = 4) -> list[ray.ObjectRef]:
-        """As `submit`, but each chunk is sent to the reward server by its actor as soon as it is sampled;
-        ref i resolves to (groups, rewards ref)."""
-        return [self.actors[i % len(self.actors)].sample_and_score.remote(c, group_size, base_seed, self.sampler,
-                                                                           reward_server, step)
-                for i, c in enumerate(self._chunks(rows, chunk))]
+                      chunk: int = 4) -> list[Chunk]:
+        """As `submit`, but each chunk carries the current weights and is sent to the reward server by its actor
+        as soon as it is sampled; chunk.ref resolves to a ChunkResult."""
+        chunks = [Chunk(i, c, list(self.current)) for i, c in enumerate(self._chunks(rows, chunk))]
+        live = self.live()
+        for chunk_ in chunks:
+            self.dispatch(chunk_, live[chunk_.index % len(live)], group_size, base_seed, reward_server, step)
+        return chunks
+
+    def dispatch(self, chunk: Chunk, actor: int, group_size: int, base_seed: int, reward_server, step: int) -> None:
+        if chunk.attempts >= self.max_attempts:
+            raise RunAborted(f"{chunk.what} failed {chunk.attempts} times (rollout.max_chunk_attempts): "
+                             + "; ".join(chunk.errors))
+        chunk.actor, chunk.attempts = actor, chunk.attempts + 1
+        chunk.ref = self.actors[actor].sample_and_score.remote(chunk.rows, group_size, base_seed, self.sampler,
+                                                               reward_server, step, chunk.weights)
+
+    def redispatch(self, chunk: Chunk, error: Exception, group_size: int, base_seed: int, reward_server,
+                   step: int) -> None:
+        """A chunk whose actor died: to the same actor (Ray queues the call until the actor is back), or, when
+        that one is out of restarts, to the next live one."""
+        chunk.errors.append(f"attempt {chunk.attempts} on actor {chunk.actor}: {type(error).__name__}")
+        if isinstance(error, ActorDiedError):  # out of restarts (ActorUnavailableError: restarting)
+            self.dead.add(chunk.actor)
+        live = self.live()
+        if not live:
+            raise RunAborted(f"every rollout actor died and is out of restarts (rollout.max_restarts); last: "
+                             f"{chunk.what}: {error}")
+        actor = chunk.actor if chunk.actor in live else live[(chunk.actor + 1) % len(live)]
+        self.dispatch(chunk, actor, group_size, base_seed, reward_server, step)
+
+    def note_pid(self, actor: int, pid: int) -> bool:
+        """Remember the process an actor answered from; True when it changed (Ray restarted the actor)."""
+        changed = self.pids[actor] is not None and self.pids[actor] != pid
+        self.pids[actor] = pid
+        return changed
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def gather(refs: list[ray.ObjectRef]) -> list[RolloutGroup]:
-    return [group for share in ray.get(refs) for group in share]

@@ -108,6 +108,8 @@ class RolloutLog:
                 image.save(folder / name)
                 reward, r = experience.reward[k], experience.r[k]
                 lines.append(json.dumps({
+                    # one id per sample of the run: a sample lost or taken twice by a fault shows here
+                    "sample_id": f"{epoch}/{experience.prompt_id}/{k}",
                     "epoch": epoch, "prompt_id": experience.prompt_id, "sample": k, "task": experience.task,
                     "instruction": experience.instruction, "image": name,
                     "reward": None if np.isnan(reward) else float(reward),

@@ -47,12 +47,13 @@ def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task:
                     **{f"learner/{k}": v for k, v in stats.extra.items() if k != "loss"}}
             ctx.scalars(last)
             progress.update(bar, completed=step + 1, info=f"loss {stats.loss:.4f}")
-            if (step + 1) % stage.checkpoint_every == 0 and step + 1 < steps:
-                group.call("save_checkpoint", str(checkpoint_dir), {"data_position": step + 1}, lc.keep_checkpoints)
             if (step + 1) % stage.eval_every == 0 and step + 1 < steps:
                 progress.stop()
                 evaluate(ctx, group.state_dict(), f"{name} step {step + 1}", eval_tasks)
                 progress.start()
+            if step + 1 < steps and ((step + 1) % stage.checkpoint_every == 0 or ctx.stop_requested):
+                group.call("save_checkpoint", str(checkpoint_dir), {"data_position": step + 1}, lc.keep_checkpoints)
+                ctx.stop_point(f"{name} step {step + 1}, after its checkpoint")
     ctx.global_step = base_step + steps
     group.call("save_checkpoint", str(checkpoint_dir), {"data_position": steps}, lc.keep_checkpoints)
     group.call("export", str(export_dir))

@@ -26,7 +26,7 @@ from rich.console import Console
 from actors.cluster import new_run_token
 from actors.learner_group import LearnerGroup
 from actors.pipeline import run_pipeline
-from actors.rollout_group import RolloutActorGroup, gather
+from actors.rollout_group import RolloutActorGroup
 from actors.weight_sync import WeightSync
 from posterrl.config import load_config
 from posterrl.data.manifest import load_manifest
@@ -69,11 +69,11 @@ def rollout_throughput(rows, group_size: int, repeats: int) -> tuple[float, floa
     group = RolloutActorGroup(config)
     try:
         group.load_weights(policy_state, version=0)
-        gather(group.submit(rows, group_size, base_seed=0))  # warm-up
+        group.gather(group.submit(rows, group_size, base_seed=0), "bench")  # warm-up
         actor_times = []
         for seed in range(1, repeats + 1):
             began = time.perf_counter()
-            gather(group.submit(rows, group_size, base_seed=seed))
+            group.gather(group.submit(rows, group_size, base_seed=seed), "bench")
             actor_times.append(time.perf_counter() - began)
     finally:
         group.shutdown()

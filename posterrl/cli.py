@@ -16,7 +16,7 @@ from rich.markup import escape
 from posterrl.config import Config, ConfigDeprecationWarning, DataConfig, load_config
 from posterrl.config.schema import field_range
 from posterrl.config.validate import name_problem, scorer_problems, url_problem, weight_problem
-from posterrl.errors import UserError
+from posterrl.errors import Interrupted, UserError
 from posterrl.names import JUDGE_BACKENDS, SCORER_KINDS, SOLVER_NAMES
 
 console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
@@ -389,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        return 2
+        return exc.exit_code if isinstance(exc, UserError) else 2
+    except Interrupted as exc:
+        console.print(f"[yellow]interrupted:[/yellow] {exc}", highlight=False, soft_wrap=True)
+        return Interrupted.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped where it was, without a checkpoint
+        console.print("[yellow]interrupted:[/yellow] stopped at once by a second Ctrl-C (no checkpoint)")
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

@@ -88,6 +88,10 @@ class RolloutConfig(_Section):
     # How the rl stage's weights reach the actors: one object in the Ray object store that every actor
     # reads (CPU default), or a broadcast from learner rank 0 on a process group of its own (NCCL on GPU).
     weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    # A rollout actor that dies is restarted by Ray this many times (-1: always); its unfinished chunks are
+    # sampled again, with the same rows, seed and weights, up to max_chunk_attempts times each.
+    max_restarts: int = Field(-1, ge=-1)
+    max_chunk_attempts: int = Field(4, ge=1)
 
 
 class ScorerConfig(_Section):
@@ -189,6 +193,10 @@ class RlConfig(_Section):
     log_images_every: int = Field(5, ge=1)  # epochs between TensorBoard image grids
     dump_every: int = Field(10, ge=1)  # epochs between rollout dumps (PNG + JSONL) under <run>/rollouts/
     seed: int = 0
+    # Reward guard: when more than this fraction of an epoch's samples has no reward (a live scorer failed)
+    # for unscored_patience epochs in a row, the run stops and names the scorer and its failures.
+    max_unscored_fraction: float = Field(0.5, ge=0, le=1)
+    unscored_patience: int = Field(2, ge=1)
 
 
 class LearnerConfig(_Section):
@@ -220,6 +228,9 @@ class ClusterConfig(_Section):
     # cluster's token; bound to loopback unless dashboard_host says otherwise (docs/security.md).
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
+    # The longest the driver waits on actors without any of them answering: a hung learner rank, rollout
+    # actor or reward server stops the run after this, naming it (a dead one is noticed at once).
+    call_timeout_s: float = Field(600.0, gt=0)
 
 
 class LoggingConfig(_Section):

@@ -4,7 +4,7 @@ import torch
 
 from actors.cluster import rendezvous_host
 from actors.learner_group import LearnerGroup
-from actors.rollout_group import RolloutActorGroup, gather
+from actors.rollout_group import RolloutActorGroup
 from actors.weight_sync import WeightSync
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
@@ -31,7 +31,7 @@ def test_weights_reach_every_actor_and_samples_match_in_process(ray_cluster, tin
         group.load_weights(trained.state_dict(), version=3)
         refs = group.submit(rows, group_size=2, base_seed=0, chunk=3)
         assert len(refs) == 4  # 12 rows in chunks of 3, dealt to both actors
-        remote_groups = gather(refs)
+        remote_groups = group.gather(refs, "test")
     finally:
         group.shutdown()
 
