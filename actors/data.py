@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from actors.context import PipelineContext
+from actors.faults import wait_all
 from posterrl.data.manifest import ManifestLoad, check_bad_fraction, load_manifest, summarize_skips, write_manifest
 from posterrl.data.sheet import task_counts
 from posterrl.data.tasks import build_samples, write_samples
@@ -25,7 +26,8 @@ def _generate_chunk(out_dir: str, start: int, stop: int, seed: int, size: int, s
 
 
 def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, size: int, tasks: list[str],
-                   chunks: int, wait: Callable[[list[ray.ObjectRef]], None] | None = None) -> Path:
+                   chunks: int, wait: Callable[[list[ray.ObjectRef]], None] | None = None,
+                   timeout_s: float = 600.0) -> Path:
     """Posters start..start+n-1 as Ray tasks; rows are written in index order whatever finishes first.
 
     Each poster is a pure function of (seed, index), so the result equals one sequential pass.
@@ -37,7 +39,8 @@ def generate_split(out_dir: Path, split: str, start: int, n: int, seed: int, siz
             for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     if wait is not None:  # e.g. with a progress bar; ray.get below waits in any case
         wait(refs)
-    rows = [row for chunk_rows in ray.get(refs) for row in chunk_rows]
+    shares = wait_all(refs, timeout_s, [f"data: generating {split} chunk {i}" for i in range(len(refs))])
+    rows = [row for chunk_rows in shares for row in chunk_rows]
     manifest = out_dir / "manifest.jsonl"
     write_manifest(rows, manifest)
     stamp = {"split": split, "start": start, "n": n, "seed": seed, "size": size, "tasks": tasks, "rows": len(rows)}
@@ -88,7 +91,8 @@ def run_data(ctx: PipelineContext) -> dict[str, Any]:
             ctx.console.print(f"data: {out} already holds this split, kept")
         else:
             generate_split(out, split, start, n, d.seed, d.size, list(d.tasks), min(d.chunks, n),
-                           wait=partial(ctx.wait_with_progress, description=f"data: generating {split} ({n} posters)"))
+                           wait=partial(ctx.wait_with_progress, description=f"data: generating {split} ({n} posters)"),
+                           timeout_s=ctx.config.cluster.call_timeout_s)
         load = load_split(ctx, out / "manifest.jsonl")
         ctx.rows[split] = load.rows
         figures[split] = {"posters": n, "rows": len(load.rows), "skipped": load.skipped,

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from actors.context import PipelineContext
+from actors.faults import wait_all
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
@@ -54,7 +54,8 @@ class Evaluation:
 def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str, float]:
     """Mean combined reward per task from the run's reward server (samples it drops are left out)."""
     server = ctx.reward_server()
-    results = ray.get(server.score.remote(samples, ctx.global_step))
+    results = wait_all([server.score.remote(samples, ctx.global_step)], ctx.config.cluster.call_timeout_s,
+                       ["the reward server (evaluation)"])[0]
     per_task: dict[str, list[float]] = defaultdict(list)
     for sample, result in zip(samples, results, strict=True):
         if result.reward is not None:

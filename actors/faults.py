@@ -81,7 +81,7 @@ def wait_all(refs: Sequence[ray.ObjectRef], timeout_s: float, what: Sequence[str
                              "the run stops (resume it with --resume)")
         for ref in ready:
             try:
-                results[index[ref]] = ray.get(ref)
+                results[index[ref]] = ray.get(ref, timeout=0)  # ready: does not block
             except RayActorError as exc:
                 raise ActorLost(what[index[ref]], exc) from exc
     return results

@@ -251,3 +251,28 @@ def test_relative_imports_are_resolved():
     assert parse_imports("from ..batch import collate\n", "posterrl.data.sheet")[0].targets[0] == "posterrl.batch"
     assert parse_imports("from .base import Task\n", "learner.tasks", is_package=True)[0].targets[0] == \
         "learner.tasks.base"
+
+
+# (d) Every blocking wait on actors in actors/ has a time limit (cluster.call_timeout_s, or the reason for
+# another one beside it), so a hung or dead actor stops the run with a message instead of hanging it.
+
+
+def untimed_waits(source: str) -> list[int]:
+    """Lines of `ray.get(...)` / `ray.wait(...)` calls without a timeout= keyword."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "wait")
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"
+                and not any(k.arg == "timeout" for k in node.keywords)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_untimed_waits_are_found():
+    assert untimed_waits("import ray\nray.get(x)\nray.wait(y, timeout=3)\nray.wait(z, num_returns=2)\n") == [2, 4]
+
+
+def test_every_wait_in_actors_has_a_timeout():
+    found = {str(path.relative_to(ROOT)): untimed_waits(path.read_text())
+             for path in sorted((ROOT / "actors").rglob("*.py"))}
+    assert {path: lines for path, lines in found.items() if lines} == {}
