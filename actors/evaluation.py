@@ -78,9 +78,9 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     group = ctx.rollout_group()
     if policy_state is not None:
         group.load_weights(policy_state, version=ctx.global_step if version is None else version)
-    refs = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
-    ctx.wait_with_progress(refs, f"eval: sampling {label} ({len(rows)} prompts)")
-    groups = group.gather(refs, f"eval {label}")
+    chunks = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
+    ctx.wait_with_progress([c.ref for c in chunks], f"eval: sampling {label} ({len(rows)} prompts)")
+    groups = group.gather(chunks, f"eval {label}", ctx.faults)
 
     scores: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)

@@ -26,9 +26,10 @@ def sample_pairs(ctx: PipelineContext, rows: list[ManifestRow], noise: float, la
                  seed: int) -> list[PreferencePair]:
     """K samples per prompt from the rollout actors, ranked by the (noisy) gold metric into pairs."""
     bt = ctx.config.reward_model
-    refs = ctx.rollout_group().submit(rows, group_size=bt.samples_per_prompt, base_seed=seed)
-    ctx.wait_with_progress(refs, f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})")
-    groups = ctx.rollout_group().gather(refs, f"reward: sampling {label}")
+    chunks = ctx.rollout_group().submit(rows, group_size=bt.samples_per_prompt, base_seed=seed)
+    ctx.wait_with_progress([c.ref for c in chunks],
+                           f"reward: sampling {label} ({len(rows)} prompts x {bt.samples_per_prompt})")
+    groups = ctx.rollout_group().gather(chunks, f"reward: sampling {label}", ctx.faults)
     outputs = [(row, group.output_images(size=output_size(row, group)))
                for row, group in zip(rows, groups, strict=True)]
     return pairs_from_groups(outputs, noise=noise, tie_threshold=bt.tie_threshold if noise else 0.0,

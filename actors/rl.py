@@ -64,8 +64,7 @@ class Pending:
         was lost (the server out of retries, or the rollout actor that asked died) is scored again from
         here. Both are counted in faults/; nothing is dropped or taken twice.
         """
-        rollouts, faults, group_size = stage.rollouts, stage.ctx.faults, stage.ctx.config.rollout.group_size
-        seed = stage.base_seed + self.epoch
+        rollouts, faults = stage.rollouts, stage.ctx.faults
         sampling: dict[ray.ObjectRef, Chunk] = {c.ref: c for c in self.chunks if c.ref is not None}
         scoring: dict[ray.ObjectRef, tuple[Chunk, int]] = {}  # rewards ref -> chunk, attempt
         redispatched: dict[int, FaultEvent] = {}  # chunk index -> its open fault event
@@ -84,7 +83,7 @@ class Pending:
                     result: ChunkResult = ray.get(ref, timeout=0)
                 except RayActorError as exc:
                     redispatched[chunk.index] = faults.record("rollout_chunks_redispatched", chunk.what)
-                    rollouts.redispatch(chunk, exc, group_size, seed, stage.server, self.step)
+                    rollouts.redispatch(chunk, exc)
                     assert chunk.ref is not None  # dispatch set it
                     sampling[chunk.ref] = chunk
                     continue
@@ -196,8 +195,8 @@ class RlStage:
 
     def submit(self, epoch: int) -> Pending:
         prompts = rl_prompts(self.rows, self.rl.prompts_per_epoch, self.rl.seed, epoch, self.retirement.retired)
-        chunks = self.rollouts.submit_scored(prompts, self.ctx.config.rollout.group_size, self.base_seed + epoch,
-                                             self.server, self.ctx.global_step)
+        chunks = self.rollouts.submit(prompts, self.ctx.config.rollout.group_size, self.base_seed + epoch,
+                                      reward_server=self.server, step=self.ctx.global_step)
         return Pending(epoch, prompts, chunks, self.ctx.global_step)
 
     def train(self, epoch: int, samples: list[RlSample]) -> EpochTraining:

@@ -10,6 +10,7 @@ seed and weights, so it gives the samples it would have given.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,10 +18,10 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.cluster import threads_for
-from actors.faults import RunAborted, wait_all
+from actors.faults import FaultLog, RunAborted, wait_all
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -50,20 +51,23 @@ def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
 
 @dataclass
 class ChunkResult:
-    """What a rollout actor returns for one rl chunk."""
+    """What a rollout actor returns for one chunk."""
 
     groups: list[RolloutGroup]
-    rewards: ray.ObjectRef  # the reward server's answer for the chunk's samples (group-major)
+    rewards: ray.ObjectRef | None  # scored chunks: the reward server's answer for the samples (group-major)
     pid: int  # the actor's process: a new one means Ray restarted the actor
 
 
 @dataclass
 class Chunk:
-    """Rows of one rl epoch sampled together on one actor, and where they are in their way."""
+    """Rows sampled together on one actor, and where they are on their way."""
 
     index: int
     rows: list[ManifestRow]
+    group_size: int
+    base_seed: int
     weights: list  # [object ref or None, version]: the weights the rows are sampled with
+    scoring: tuple | None = None  # (reward server, step): the actor sends the samples on to be scored
     actor: int = 0
     ref: ray.ObjectRef | None = None  # -> ChunkResult
     attempts: int = 0
@@ -79,8 +83,14 @@ class Chunk:
 class RolloutActor(RolloutWorker):
     """A RolloutWorker that hands each finished chunk straight to the reward server, so scoring overlaps sampling."""
 
+    def sample_chunk(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
+                     weights: list) -> ChunkResult:
+        """K samples per row with the given weights."""
+        self.ensure_weights(*weights)
+        return ChunkResult(self.sample(rows, group_size, base_seed, sampler), None, os.getpid())
+
     def sample_and_score(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
-                         reward_server, step: int, weights: list) -> ChunkResult:
+                         weights: list, reward_server, step: int) -> ChunkResult:
         """K samples per row with the given weights, plus the reward server's answer for all of them."""
         self.ensure_weights(*weights)
         groups = self.sample(rows, group_size, base_seed, sampler)
@@ -144,38 +154,30 @@ class RolloutActorGroup:
     def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:
         return [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
 
-    def submit(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int,
-               chunk: int = 4) -> list[ray.ObjectRef]:
-        """Chunks of rows dealt round-robin to the actors; ref i resolves to chunk i's groups, in order."""
-        live = self.live()
-        return [self.actors[live[i % len(live)]].sample.remote(c, group_size, base_seed, self.sampler)
-                for i, c in enumerate(self._chunks(rows, chunk))]
-
-    def gather(self, refs: list[ray.ObjectRef], what: str) -> list[RolloutGroup]:
-        """The groups of `submit`'s refs, in order; an actor that died stops the run (naming it)."""
-        shares = wait_all(refs, self.timeout_s, [f"{what}: rollout chunk {i}" for i in range(len(refs))])
-        return [group for share in shares for group in share]
-
-    def submit_scored(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, reward_server, step: int,
-                      chunk: int = 4) -> list[Chunk]:
-        """As `submit`, but each chunk carries the current weights and is sent to the reward server by its actor
-        as soon as it is sampled; chunk.ref resolves to a ChunkResult."""
-        chunks = [Chunk(i, c, list(self.current)) for i, c in enumerate(self._chunks(rows, chunk))]
+    def submit(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, chunk: int = 4,
+               reward_server=None, step: int = 0) -> list[Chunk]:
+        """Chunks of rows dealt round-robin to the actors, each carrying the current weights; chunk.ref resolves
+        to a ChunkResult. With a reward server, each actor sends its chunk on to be scored as soon as it is
+        sampled (scoring overlaps sampling), and the result carries the answer's ref."""
+        chunks = [Chunk(i, c, group_size, base_seed, list(self.current),
+                        (reward_server, step) if reward_server is not None else None)
+                  for i, c in enumerate(self._chunks(rows, chunk))]
         live = self.live()
         for chunk_ in chunks:
-            self.dispatch(chunk_, live[chunk_.index % len(live)], group_size, base_seed, reward_server, step)
+            self.dispatch(chunk_, live[chunk_.index % len(live)])
         return chunks
 
-    def dispatch(self, chunk: Chunk, actor: int, group_size: int, base_seed: int, reward_server, step: int) -> None:
+    def dispatch(self, chunk: Chunk, actor: int) -> None:
         if chunk.attempts >= self.max_attempts:
             raise RunAborted(f"{chunk.what} failed {chunk.attempts} times (rollout.max_chunk_attempts): "
                              + "; ".join(chunk.errors))
         chunk.actor, chunk.attempts = actor, chunk.attempts + 1
-        chunk.ref = self.actors[actor].sample_and_score.remote(chunk.rows, group_size, base_seed, self.sampler,
-                                                               reward_server, step, chunk.weights)
+        handle = self.actors[actor]
+        args = (chunk.rows, chunk.group_size, chunk.base_seed, self.sampler, chunk.weights)
+        chunk.ref = (handle.sample_and_score.remote(*args, *chunk.scoring) if chunk.scoring is not None
+                     else handle.sample_chunk.remote(*args))
 
-    def redispatch(self, chunk: Chunk, error: Exception, group_size: int, base_seed: int, reward_server,
-                   step: int) -> None:
+    def redispatch(self, chunk: Chunk, error: Exception) -> None:
         """A chunk whose actor died: to the same actor (Ray queues the call until the actor is back), or, when
         that one is out of restarts, to the next live one."""
         chunk.errors.append(f"attempt {chunk.attempts} on actor {chunk.actor}: {type(error).__name__}")
@@ -185,8 +187,31 @@ class RolloutActorGroup:
         if not live:
             raise RunAborted(f"every rollout actor died and is out of restarts (rollout.max_restarts); last: "
                              f"{chunk.what}: {error}")
-        actor = chunk.actor if chunk.actor in live else live[(chunk.actor + 1) % len(live)]
-        self.dispatch(chunk, actor, group_size, base_seed, reward_server, step)
+        self.dispatch(chunk, chunk.actor if chunk.actor in live else live[(chunk.actor + 1) % len(live)])
+
+    def gather(self, chunks: list[Chunk], what: str, faults: FaultLog) -> list[RolloutGroup]:
+        """The groups of unscored chunks, in row order. A chunk whose actor died is sampled again (counted);
+        nothing answering for timeout_s stops the run, naming what is missing."""
+        waiting = {c.ref: c for c in chunks}
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise RunAborted(f"{what}: no answer for {self.timeout_s:g} s (cluster.call_timeout_s) from "
+                                 + "; ".join(c.what for c in waiting.values()))
+            chunk = waiting.pop(ready[0])
+            try:
+                result: ChunkResult = ray.get(ready[0], timeout=0)
+            except RayActorError as exc:
+                faults.record("rollout_chunks_redispatched", f"{what}: {chunk.what}")
+                self.redispatch(chunk, exc)
+                waiting[chunk.ref] = chunk
+                continue
+            except RayTaskError as exc:
+                raise RunAborted(f"{what}: {chunk.what} failed: {exc}") from exc
+            if self.note_pid(chunk.actor, result.pid):
+                faults.record("rollout_actor_restarts", f"rollout actor {chunk.actor}").recovered_at = time.time()
+            chunk.groups = result.groups
+        return [group for chunk in chunks for group in chunk.groups or []]
 
     def note_pid(self, actor: int, pid: int) -> bool:
         """Remember the process an actor answered from; True when it changed (Ray restarted the actor)."""

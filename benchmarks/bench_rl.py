@@ -24,6 +24,7 @@ import ray
 from rich.console import Console
 
 from actors.cluster import new_run_token
+from actors.faults import FaultLog
 from actors.learner_group import LearnerGroup
 from actors.pipeline import run_pipeline
 from actors.rollout_group import RolloutActorGroup
@@ -69,11 +70,11 @@ def rollout_throughput(rows, group_size: int, repeats: int) -> tuple[float, floa
     group = RolloutActorGroup(config)
     try:
         group.load_weights(policy_state, version=0)
-        group.gather(group.submit(rows, group_size, base_seed=0), "bench")  # warm-up
+        group.gather(group.submit(rows, group_size, base_seed=0), "bench", FaultLog())  # warm-up
         actor_times = []
         for seed in range(1, repeats + 1):
             began = time.perf_counter()
-            group.gather(group.submit(rows, group_size, base_seed=seed), "bench")
+            group.gather(group.submit(rows, group_size, base_seed=seed), "bench", FaultLog())
             actor_times.append(time.perf_counter() - began)
     finally:
         group.shutdown()

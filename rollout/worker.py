@@ -24,6 +24,8 @@ from posterrl.policy import EditPolicy, quiet_model_libraries
 from posterrl.weight_sync import BroadcastGroup, trainable_tensors
 from rollout.sampler import prompt_seed, sample_groups
 
+UNLOADED = -1  # the policy_version of a worker whose weights have not arrived
+
 
 @dataclass
 class RolloutGroup:
@@ -62,7 +64,8 @@ class RolloutWorker:
         else:
             self.policy = EditPolicy.from_config(ModelConfig.model_validate(model))
         self.policy.eval().requires_grad_(False)
-        self.policy_version = 0
+        # -1: built from a config, no weights loaded yet (a version is never negative, so no chunk matches it)
+        self.policy_version = 0 if checkpoint is not None else UNLOADED
         self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
         self._shared_weights: dict[str, np.ndarray] | None = None  # object-store arrays the policy uses in place
 

@@ -3,6 +3,7 @@ import ray
 import torch
 
 from actors.cluster import rendezvous_host
+from actors.faults import FaultLog
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 from actors.weight_sync import WeightSync
@@ -29,9 +30,10 @@ def test_weights_reach_every_actor_and_samples_match_in_process(ray_cluster, tin
     try:
         assert len(group.actors) == config.rollout.num_actors == 2
         group.load_weights(trained.state_dict(), version=3)
-        refs = group.submit(rows, group_size=2, base_seed=0, chunk=3)
-        assert len(refs) == 4  # 12 rows in chunks of 3, dealt to both actors
-        remote_groups = group.gather(refs, "test")
+        chunks = group.submit(rows, group_size=2, base_seed=0, chunk=3)
+        assert len(chunks) == 4  # 12 rows in chunks of 3, dealt to both actors
+        assert [c.actor for c in chunks] == [0, 1, 0, 1]
+        remote_groups = group.gather(chunks, "test", FaultLog())
     finally:
         group.shutdown()
 
