@@ -50,14 +50,15 @@ def print_registry(console: Console, described: dict) -> None:
         table.add_column(column)
     for s in described["scorers"]:
         where = " ".join(str(v) for v in (s["path"], s["backend"], s["url"]) if v) or "-"
-        table.add_row(s["name"], s["kind"], f"{s['weight']:g}", s["status"], str(s["version"]), where,
-                      s["fingerprint"])
+        status = s["status"] + (", optional" if s.get("optional") else "")
+        table.add_row(s["name"], s["kind"], f"{s['weight']:g}", status, str(s["version"]), where, s["fingerprint"])
     console.print(table)
     stats = described["stats"]
     console.print(f"served {stats['requests']} requests, {stats['samples']} samples in {stats['batches']} batches "
                   f"(mean batch {stats['mean_batch_size']:.1f})")
-    for name, kinds in described["failures"].items():
-        console.print(f"[yellow]{name}: dropped scores {kinds}")
+    for name, kinds in described["failures"].items():  # kind (timeout, error, nonfinite, wrong_length,
+        counts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())  # out_of_range) -> count
+        console.print(f"[yellow]{name}: dropped scores: {counts}", highlight=False)
     for problem in described["restore_problems"]:
         console.print(f"[yellow]not restored from the journal: {problem}")
 
@@ -75,7 +76,8 @@ def run_reward_command(args: argparse.Namespace, console: Console) -> int:
             return 0
         if args.reward_command == "add":
             spec = {"name": args.name, "kind": args.kind, "weight": args.weight, "path": args.path,
-                    "backend": args.backend, "url": args.url, "api_key_env": args.api_key_env}
+                    "backend": args.backend, "url": args.url, "api_key_env": args.api_key_env,
+                    "optional": args.optional}
             answer = ray.get(server.add.remote(spec))
         elif args.reward_command == "swap":
             answer = ray.get(server.swap.remote(args.name, args.path, args.backend, args.url))

@@ -3,8 +3,10 @@
 It is an async actor: every `score` call is a coroutine that joins the dynamic batcher, so many
 rollout actors can ask at once and are scored together. Registry changes (from `posterrl reward
 ...` in another process) load and probe on a worker thread while scoring goes on. The actor is
-started with unlimited restarts: a restarted server replays the run's journal and comes back with
-the same scorers and versions.
+started with unlimited restarts and its calls with retries: a restarted server replays the run's
+journal and comes back with the same scorers and versions, and the calls that were in flight when
+its process died run again there. A scorer that is not `optional` and does not load stops the
+server from starting (ScorerLoadError) rather than letting it serve a different reward.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def initial_specs(config: Config, run: RunDir) -> list[ScorerSpec]:
     return [ScorerSpec(name=s.name, kind=s.kind, weight=s.weight,
                        path=s.path if s.path is not None or s.kind != "bradley_terry"
                        else str(run.stage_checkpoint("reward")),
-                       backend=s.backend, url=s.url, api_key_env=s.api_key_env)
+                       backend=s.backend, url=s.url, api_key_env=s.api_key_env, optional=s.optional)
             for s in config.reward.scorers]
 
 
@@ -71,10 +73,13 @@ class RewardServer:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.run = RunDir(run_dir)
         self.registry = RewardRegistry(probe_samples(cfg, cfg.reward.probe_size),
-                                       Journal(self.run.root / JOURNAL_FILE), cfg.reward.request_timeout_s)
-        self.restore_problems = self.registry.restore(initial_specs(cfg, self.run))
+                                       Journal(self.run.root / JOURNAL_FILE), cfg.reward.request_timeout_s,
+                                       max_abs_score=cfg.reward.max_abs_score)
+        restored = self.registry.restore(initial_specs(cfg, self.run))
+        self.restore_problems = restored.problems
         for problem in self.restore_problems:
             log.error("reward server: %s", problem)
+        restored.raise_for_required()  # ScorerLoadError: Ray marks the actor dead and every caller gets the message
         self.writer = SummaryWriter(str(self.run.tb / "reward_server"))
         self.batcher = DynamicBatcher(self.registry.score, cfg.reward.max_batch_size, cfg.reward.max_wait_ms / 1000)
         self.step = 0  # the driver's global step, so changes line up with training curves

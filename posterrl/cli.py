@@ -333,6 +333,8 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--url")
     add.add_argument("--api-key-env", help="vlm_judge openai: the environment variable (in the run's cluster) that "
                      "holds the server's API key; the key itself is never passed")
+    add.add_argument("--optional", action="store_true", help="a restarted reward server may serve without this "
+                     "scorer if it no longer loads (default: the server does not start without it)")
     swap = live("swap", "replace a scorer's model; the old one serves until the new one has passed its probe")
     swap.add_argument("--name", required=True)
     swap.add_argument("--path")

@@ -106,6 +106,7 @@ class ScorerConfig(_Section):
     # vlm_judge with backend openai: the NAME of the environment variable holding the server's API key, sent
     # as "Authorization: Bearer <key>" (the key itself never goes into a config, which runs log and copy).
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    optional: bool = False  # a (re)starting reward server may serve without it when it fails to load
 
 
 class RewardConfig(_Section):
@@ -117,6 +118,7 @@ class RewardConfig(_Section):
     max_batch_size: int = Field(32, ge=1)  # samples scored together by dynamic batching
     max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits to fill up
     request_timeout_s: float = Field(120.0, gt=0)  # a scorer slower than this is counted as failed for the batch
+    max_abs_score: float = Field(1000.0, gt=0)  # a score with |score| above this is dropped as out of range
     probe_size: int = Field(4, ge=1)  # samples a new scorer must score before it goes live
 
 

@@ -144,3 +144,25 @@ def test_overrides_after_options_reach_the_config(capsys):
     before = capsys.readouterr().out
     assert main(["config", "rollout.group_size=6", "configs/tiny.yaml"]) == 0
     assert capsys.readouterr().out == before
+
+
+def test_reward_add_optional_flag():
+    assert parse_args(shlex.split("reward add --run r --name p --kind preservation --optional")).optional is True
+    assert parse_args(shlex.split("reward add --run r --name p --kind preservation")).optional is False
+
+
+def test_reward_list_shows_every_failure_kind():
+    from rich.console import Console
+
+    from actors.reward_cli import print_registry  # imports ray; starts nothing
+    from reward_server.registry import FAILURE_KINDS
+
+    scorer = {"name": "bt", "kind": "bradley_terry", "weight": 1.0, "status": "live", "version": 2, "path": "/m",
+              "backend": None, "url": None, "fingerprint": "abc", "optional": True}
+    console = Console(record=True, width=200)
+    print_registry(console, {"step": 3, "scorers": [scorer], "restore_problems": ["scorer 'j' failed to load"],
+                             "stats": {"requests": 1, "samples": 2, "batches": 1, "mean_batch_size": 2.0},
+                             "failures": {"bt": {kind: i + 1 for i, kind in enumerate(FAILURE_KINDS)}}})
+    text = console.export_text()
+    assert "bt: dropped scores: timeout 1, error 2, nonfinite 3, wrong_length 4, out_of_range 5" in text
+    assert "live, optional" in text and "not restored from the journal: scorer 'j' failed to load" in text

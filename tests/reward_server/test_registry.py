@@ -13,7 +13,7 @@ from PIL import Image
 
 from posterrl.models.samples import EditSample
 from reward_server.batching import DynamicBatcher
-from reward_server.registry import Journal, RegistryError, RewardRegistry, ScorerSpec
+from reward_server.registry import Journal, RegistryError, RewardRegistry, ScorerLoadError, ScorerSpec, record_problem
 from reward_server.types import ScoreBatch
 
 
@@ -47,7 +47,45 @@ class HangingScorer(ConstantScorer):
         return super().score(samples)
 
 
-SCORERS = {"const": ConstantScorer, "nan_odd": NanOnOddScorer, "hang": HangingScorer}
+class ShortScorer(ConstantScorer):
+    """Passes the probe (2 samples), then answers one score short."""
+
+    def score(self, samples):
+        k = len(samples) if len(samples) <= 2 else len(samples) - 1
+        return ScoreBatch(np.full(k, self.value), [{} for _ in range(k)])
+
+
+class TextScorer(ConstantScorer):
+    """Passes the probe, then answers with words instead of numbers."""
+
+    def score(self, samples):
+        if len(samples) <= 2:
+            return super().score(samples)
+        return ScoreBatch(np.array(["good"] * len(samples), dtype=object), [{} for _ in samples])
+
+
+class DriftScorer(ConstantScorer):
+    """Unbounded; passes the probe, then sample i scores value * 10**i."""
+
+    score_range = (-float("inf"), float("inf"))
+
+    def score(self, samples):
+        if len(samples) <= 2:
+            return super().score(samples)
+        return ScoreBatch(np.array([self.value * 10.0**i for i in range(len(samples))]), [{} for _ in samples])
+
+
+class RangeScorer(ConstantScorer):
+    """Range [0, 10]; passes the probe, then answers value, value + 20, -value."""
+
+    def score(self, samples):
+        if len(samples) <= 2:
+            return super().score(samples)
+        return ScoreBatch(np.array([self.value, self.value + 20, -self.value]), [{} for _ in samples])
+
+
+SCORERS = {"const": ConstantScorer, "nan_odd": NanOnOddScorer, "hang": HangingScorer, "short": ShortScorer,
+           "text": TextScorer, "drift": DriftScorer, "range": RangeScorer}
 
 
 def loader(spec: ScorerSpec):
@@ -125,9 +163,130 @@ def test_hung_scorer_times_out_instead_of_freezing(registry):
     assert registry.failures["slow"]["timeout"] == 6
 
 
+def test_swap_replaces_a_hung_scorer_at_the_next_batch(registry):
+    registry.add(ScorerSpec("a", "preservation", path="1"))
+    registry.add(ScorerSpec("slow", "preservation", backend="hang", path="2"))  # live: its failures drop rewards
+    first = registry.score(samples(3))  # hangs: abandoned after timeout_s = 0.5
+    second = registry.score(samples(3))  # its thread is still stuck: skipped at once
+    assert [r.failed for r in first] == [{"slow": "timed out after 0.5 s"}] * 3
+    assert [r.failed for r in second] == [{"slow": "still busy after an earlier timeout"}] * 3
+    assert [r.reward for r in first + second] == [None] * 6
+    assert [r.components for r in first + second] == [{"a": 1.0}] * 6
+    stuck = registry.snapshot()["slow"].runner
+
+    assert registry.swap("slow", path="3", backend="const").version == 2  # a healthy scorer, same name
+    began = time.perf_counter()
+    third = registry.score(samples(3))
+    assert time.perf_counter() - began < 0.5  # no wait for the old, still-stuck thread
+    assert [r.reward for r in third] == [4.0] * 3
+    assert [r.components for r in third] == [{"a": 1.0, "slow": 3.0}] * 3
+    assert [r.versions for r in third] == [{"a": 1, "slow": 2}] * 3
+    assert [r.failed for r in third] == [{}] * 3
+    assert registry.failures == {"slow": {"timeout": 6}}
+
+    assert stuck.stuck()  # abandoned, not joined: still blocked in version 1's score
+    HangingScorer.release.set()
+    stuck.busy.result(timeout=5)
+    deadline = time.time() + 5
+    while any(t.name.startswith("scorer-slow-v1") for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("scorer-slow-v1") for t in threading.enumerate())  # its thread ended
+
+
+def test_wrong_length_or_non_numeric_answers_fail_only_that_scorer(registry):
+    registry.add(ScorerSpec("a", "preservation", path="1"))
+    registry.add(ScorerSpec("short", "preservation", weight=0.0, backend="short", path="2"))
+    registry.add(ScorerSpec("text", "preservation", weight=0.0, backend="text", path="3"))
+    results = registry.score(samples(3))
+    assert [r.reward for r in results] == [1.0] * 3  # shadow scorers: the samples keep their reward
+    assert [r.components for r in results] == [{"a": 1.0}] * 3
+    assert [r.failed for r in results] == [{
+        "short": "expected 3 scores, got shape (2,)",
+        "text": "expected 3 numeric scores, got ValueError: could not convert string to float: 'good'",
+    }] * 3
+    assert registry.failures == {"short": {"wrong_length": 3}, "text": {"wrong_length": 3}}
+
+    registry.set_weight("short", 1.0)  # live now: its lost scores drop the samples
+    results = registry.score(samples(4))
+    assert [r.reward for r in results] == [None] * 4
+    assert [r.failed["short"] for r in results] == ["expected 4 scores, got shape (3,)"] * 4
+    assert registry.failures["short"] == {"wrong_length": 7}
+
+    async def two_requests():  # through the batcher: both requests of the batch are answered
+        batcher = DynamicBatcher(registry.score, max_batch_size=8, max_wait_s=0.05)
+        return await asyncio.gather(batcher.submit(samples(2, "x")), batcher.submit(samples(2, "y")))
+
+    first, second = asyncio.run(two_requests())
+    assert [r.prompt_id for r in first + second] == ["x0", "x1", "y0", "y1"]
+    assert all(r.components["a"] == 1.0 and "short" in r.failed for r in first + second)
+
+
+def test_out_of_range_scores_are_dropped_and_counted(tmp_path):
+    with pytest.raises(ValueError, match="max_abs_score must be > 0, got 0"):
+        RewardRegistry(samples(2), loader=loader, max_abs_score=0)
+    registry = RewardRegistry(samples(2), loader=loader, max_abs_score=50)
+    try:
+        registry.add(ScorerSpec("drift", "bradley_terry", backend="drift", path="1"))  # unbounded range
+        registry.add(ScorerSpec("range", "preservation", weight=0.5, backend="range", path="5"))  # range [0, 10]
+        results = registry.score(samples(3))
+        # drift scores 1, 10, 100 (100 > 50); range scores 5, 25, -5 (25 and -5 outside [0, 10])
+        assert [r.reward for r in results] == [1 + 0.5 * 5, None, None]
+        assert [r.components for r in results] == [{"drift": 1.0, "range": 5.0}, {"drift": 10.0}, {}]
+        assert [r.failed for r in results] == [
+            {},
+            {"range": "score 25 out of range: outside the scorer's score_range [0, 10]"},
+            {"drift": "score 100 out of range: |score| above max_abs_score 50",
+             "range": "score -5 out of range: outside the scorer's score_range [0, 10]"},
+        ]
+        assert registry.failures == {"drift": {"out_of_range": 1}, "range": {"out_of_range": 2}}
+        with pytest.raises(RegistryError, match=r"probe scores \[60.0, 60.0\] beyond max_abs_score 50"):
+            registry.swap("drift", path="60")  # refused before it goes live
+        assert registry.versions() == {"drift": 1, "range": 1}
+    finally:
+        registry.close()
+
+
+def test_restore_reports_which_failed_scorers_are_required(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    old_spec = {"name": "old", "kind": "preservation", "weight": 1.0, "path": "missing", "backend": None,
+                "url": None}  # journaled before `optional` existed: no such key
+    journal.append("add", spec=old_spec, version=1)
+    journal.append("add", spec={**old_spec, "name": "extra", "optional": True}, version=1)
+    journal.append("swap", spec={**old_spec, "name": "judge"}, version=2)  # the config says optional: it wins
+    registry = RewardRegistry(samples(2), journal, loader=loader)
+    report = registry.restore([ScorerSpec("a", "preservation", path="1"),
+                               ScorerSpec("bt", "bradley_terry", path="missing"),
+                               ScorerSpec("judge", "preservation", path="3", optional=True)])
+    assert [(f.spec.name, f.spec.optional) for f in report.failed] == [
+        ("bt", False), ("judge", True), ("old", False), ("extra", True)]
+    assert [f.spec.name for f in report.required] == ["bt", "old"]
+    assert report.problems == [f.reason for f in report.failed]
+    assert registry.versions() == {"a": 1}  # the registry serves what did load
+    with pytest.raises(ScorerLoadError) as err:
+        report.raise_for_required()
+    assert str(err.value) == (
+        "the reward server cannot start: "
+        "scorer 'bt' (kind bradley_terry, path 'missing') is not optional and could not be restored: scorer 'bt' "
+        "(bradley_terry, path='missing') failed to load: FileNotFoundError: no such checkpoint: missing; "
+        "scorer 'old' (kind preservation, path 'missing') is not optional and could not be restored: scorer 'old' "
+        "(preservation, path='missing') failed to load: FileNotFoundError: no such checkpoint: missing. "
+        "Make the path load again, or mark the scorer optional (reward.scorers[].optional: true, or "
+        "`posterrl reward add --optional`) to serve without it")
+    assert isinstance(err.value, RegistryError)
+
+    registry.add(ScorerSpec("new", "preservation", path="4", optional=True))
+    assert journal.records()[-1]["spec"]["optional"] is True  # journaled with the spec
+    assert record_problem({"op": "add", "spec": {"name": "x", "kind": "preservation", "optional": "yes"},
+                           "version": 1}).endswith("spec's optional is 'yes', expected true or false")
+    only_optional = RewardRegistry(samples(2), loader=loader).restore(
+        [ScorerSpec("a", "preservation", path="1"), ScorerSpec("gone", "preservation", path="missing", optional=True)])
+    only_optional.raise_for_required()  # nothing required is missing: no error
+    assert [f.spec.name for f in only_optional.failed] == ["gone"] and only_optional.required == []
+
+
 def test_journal_restores_registry_and_versions(registry, tmp_path):
     initial = [ScorerSpec("a", "preservation", path="1"), ScorerSpec("b", "preservation", path="2")]
-    assert registry.restore(initial) == []
+    assert registry.restore(initial).problems == []
     registry.swap("a", path="3")
     registry.swap("a", path="4")
     registry.remove("b")
@@ -136,7 +295,8 @@ def test_journal_restores_registry_and_versions(registry, tmp_path):
     before = registry.describe()
 
     again = RewardRegistry(samples(2), Journal(tmp_path / "journal.jsonl"), loader=loader)
-    assert again.restore(initial) == []
+    report = again.restore(initial)
+    assert report.problems == [] and report.failed == []
     assert again.describe() == [{**d, "loaded_at": e["loaded_at"]} for d, e in zip(before, again.describe())]
     assert again.versions() == {"a": 3, "c": 1}
     assert again.score(samples(1))[0].reward == pytest.approx(4 + 2 * 5)
@@ -151,7 +311,7 @@ def test_unloadable_journaled_scorer_is_reported_not_fatal(tmp_path):
     with journal.path.open("a") as handle:
         handle.write('{"op": "swap", "spec": {"na')  # a torn line from a crash
     registry = RewardRegistry(samples(2), journal, loader=loader)
-    problems = registry.restore([ScorerSpec("a", "preservation", path="1")])
+    problems = registry.restore([ScorerSpec("a", "preservation", path="1")]).problems
     assert any("gone" in p and "failed to load" in p for p in problems)
     assert any(f"{journal.path}:2: not JSON" in p for p in problems)
     assert registry.versions() == {"a": 1}
@@ -178,7 +338,7 @@ def test_journal_skips_torn_and_misshapen_lines_and_keeps_the_rest(tmp_path, cap
     assert "spec" in problems[3] and "expected an object" in problems[4]
     assert f"{path}:4" in caplog.text
     registry = RewardRegistry(samples(2), journal, loader=loader)
-    assert len(registry.restore([ScorerSpec("a", "preservation", path="1")])) == 5  # no KeyError: it starts
+    assert len(registry.restore([ScorerSpec("a", "preservation", path="1")]).problems) == 5  # no KeyError
     assert registry.versions() == {"a": 1, "b": 2}
     assert registry.score(samples(1))[0].reward == pytest.approx(1 + 3 * 2)
 
