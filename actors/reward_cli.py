@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 from rich.console import Console
 from rich.table import Table
 
@@ -63,6 +64,22 @@ def print_registry(console: Console, described: dict) -> None:
         console.print(f"[yellow]not restored from the journal: {problem}")
 
 
+CHANGE_TIMEOUT_S = 900.0  # a change loads and probes a model (a VLM judge can take minutes)
+
+
+def change(method, *args) -> dict:
+    """One registry change, not retried by Ray: a change the server journaled just before it died would
+    otherwise be applied twice (a second version of the same model)."""
+    try:
+        return ray.get(method.options(max_task_retries=0).remote(*args), timeout=CHANGE_TIMEOUT_S)
+    except GetTimeoutError:
+        raise RegistryError(f"the reward server did not answer within {CHANGE_TIMEOUT_S:g} s; see "
+                            "`posterrl reward list` for whether the change went in") from None
+    except RayActorError as exc:
+        raise RegistryError(f"the reward server died during the change ({type(exc).__name__}); it restarts "
+                            "from its journal: see `posterrl reward list` for whether the change went in") from None
+
+
 def run_reward_command(args: argparse.Namespace, console: Console) -> int:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
@@ -72,19 +89,19 @@ def run_reward_command(args: argparse.Namespace, console: Console) -> int:
     try:
         server = find_reward_server(run_dir)
         if args.reward_command == "list":
-            print_registry(console, ray.get(server.describe.remote()))
+            print_registry(console, ray.get(server.describe.remote(), timeout=CHANGE_TIMEOUT_S))
             return 0
         if args.reward_command == "add":
             spec = {"name": args.name, "kind": args.kind, "weight": args.weight, "path": args.path,
                     "backend": args.backend, "url": args.url, "api_key_env": args.api_key_env,
                     "optional": args.optional}
-            answer = ray.get(server.add.remote(spec))
+            answer = change(server.add, spec)
         elif args.reward_command == "swap":
-            answer = ray.get(server.swap.remote(args.name, args.path, args.backend, args.url))
+            answer = change(server.swap, args.name, args.path, args.backend, args.url)
         elif args.reward_command == "remove":
-            answer = ray.get(server.remove.remote(args.name))
+            answer = change(server.remove, args.name)
         else:
-            answer = ray.get(server.set_weight.remote(args.name, args.weight))
+            answer = change(server.set_weight, args.name, args.weight)
         if not answer["ok"]:
             console.print(f"[red]refused:[/red] {answer['error']}", highlight=False)
             console.print("the registry is unchanged; the previous scorers keep serving")

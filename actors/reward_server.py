@@ -21,16 +21,26 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError
 from torch.utils.tensorboard import SummaryWriter
 
 from actors.cluster import auth_info, threads_for
+from actors.faults import RunAborted
 from posterrl.config import Config
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.files import write_atomic
 from posterrl.models.samples import EditSample
 from posterrl.runlog import CLUSTER_FILE, RunDir
 from reward_server.batching import DynamicBatcher
-from reward_server.registry import JOURNAL_FILE, Journal, RegistryError, RewardRegistry, RewardResult, ScorerSpec
+from reward_server.registry import (
+    JOURNAL_FILE,
+    Journal,
+    RegistryError,
+    RewardRegistry,
+    RewardResult,
+    ScorerLoadError,
+    ScorerSpec,
+)
 
 NAMESPACE = "posterrl"
 GIL_SWITCH_INTERVAL_S = 0.0002
@@ -159,7 +169,16 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
         name=server_name(run.root), namespace=NAMESPACE, get_if_exists=True,
         num_cpus=rc.cpus, num_gpus=rc.gpus, max_restarts=-1, max_task_retries=3, max_concurrency=1000,
     ).remote(config.to_dict(), str(run.root))
-    ray.get(actor.describe.remote())  # waits until the registry has loaded and probed its scorers
+    try:  # waits until the registry has loaded and probed its scorers
+        ray.get(actor.describe.remote(), timeout=config.cluster.call_timeout_s)
+    except RayActorError as exc:  # its constructor raised: a required scorer did not load
+        text = str(exc)
+        marker = f"{ScorerLoadError.__name__}: "
+        reason = text[text.index(marker) + len(marker):].strip() if marker in text else text
+        raise ScorerLoadError(f"the reward server did not start: {reason}") from None
+    except GetTimeoutError:
+        raise RunAborted(f"the reward server did not start within {config.cluster.call_timeout_s:g} s "
+                         "(cluster.call_timeout_s): its scorers load and probe in its constructor") from None
     write_cluster_file(run)
     return actor
 
