@@ -49,6 +49,8 @@ class FaultLog:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
     events: list[FaultEvent] = field(default_factory=list)
+    # the reward server's dropped scores, {scorer: {kind: count}} since it (re)started, as it reports them
+    scorer_failures: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def record(self, kind: str, what: str, n: int = 1) -> FaultEvent:
         if kind not in self.counts:
@@ -59,10 +61,12 @@ class FaultLog:
         return event
 
     def scalars(self) -> dict[str, float]:
-        return {f"faults/{kind}": float(count) for kind, count in self.counts.items()}
+        return {**{f"faults/{kind}": float(count) for kind, count in self.counts.items()},
+                **{f"faults/scorer/{name}/{kind}": float(count) for name, kinds in self.scorer_failures.items()
+                   for kind, count in kinds.items()}}
 
     def summary(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts),
+        return {"counts": dict(self.counts), "scorer_failures": self.scorer_failures,
                 "events": [{"kind": e.kind, "what": e.what, "detected_at": e.detected_at,
                             "recovered_at": e.recovered_at} for e in self.events[-1000:]]}
 

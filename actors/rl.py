@@ -229,7 +229,9 @@ class RlStage:
         unscored = rewarded.count(False)
         if unscored:
             self.ctx.faults.record("unscored_samples", f"rl epoch {epoch}", unscored)
-        pid = wait_all([self.server.describe.remote()], self.rollouts.timeout_s, ["the reward server"])[0]["pid"]
+        described = wait_all([self.server.describe.remote()], self.rollouts.timeout_s, ["the reward server"])[0]
+        self.ctx.faults.scorer_failures = described["failures"]
+        pid = described["pid"]
         if self.server_pid is not None and pid != self.server_pid:
             event = self.ctx.faults.record("reward_server_restarts", f"pid {self.server_pid} -> {pid}")
             event.recovered_at = time.time()

@@ -125,6 +125,7 @@ class RolloutActorGroup:
         ]
         self.sampler = SamplerConfig.from_rollout(rc)
         self.dead: set[int] = set()  # actors out of restarts
+        self.restarting: set[int] = set()  # actors a call found unavailable, until they answer again
         self.pids: list[int | None] = [None] * rc.num_actors
         # The last weights published through the object store, and their version: what chunks carry.
         self.current: tuple[ray.ObjectRef | None, int] = (None, 0)
@@ -178,16 +179,43 @@ class RolloutActorGroup:
                      else handle.sample_chunk.remote(*args))
 
     def redispatch(self, chunk: Chunk, error: Exception) -> None:
-        """A chunk whose actor died: to the same actor (Ray queues the call until the actor is back), or, when
-        that one is out of restarts, to the next live one."""
+        """A chunk whose actor died: to another live actor that is not restarting (any actor gives the same
+        samples for the same rows, seed and weights), else to the first one that is back. A call to an actor
+        while Ray restarts it fails at once (ActorUnavailableError), so a restarting actor is waited for with
+        pings, which cost no attempt."""
         chunk.errors.append(f"attempt {chunk.attempts} on actor {chunk.actor}: {type(error).__name__}")
         if isinstance(error, ActorDiedError):  # out of restarts (ActorUnavailableError: restarting)
             self.dead.add(chunk.actor)
+        else:
+            self.restarting.add(chunk.actor)
         live = self.live()
         if not live:
             raise RunAborted(f"every rollout actor died and is out of restarts (rollout.max_restarts); last: "
                              f"{chunk.what}: {error}")
-        self.dispatch(chunk, chunk.actor if chunk.actor in live else live[(chunk.actor + 1) % len(live)])
+        order = sorted(live, key=lambda a: (a in self.restarting, (a - chunk.actor - 1) % len(self.actors)))
+        self.dispatch(chunk, order[0] if order[0] not in self.restarting else self.first_back(order))
+
+    def first_back(self, actors: list[int]) -> int:
+        """The first of `actors` (all restarting) that answers a ping, waiting up to timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            pings = {self.actors[a].pid.remote(): a for a in actors}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=min(5.0, self.timeout_s))
+            for ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                except RayActorError as exc:
+                    if isinstance(exc, ActorDiedError):
+                        self.dead.add(pings[ref])
+                    continue
+                self.restarting.discard(pings[ref])
+                return pings[ref]
+            actors = [a for a in actors if a not in self.dead]
+            if not actors:
+                raise RunAborted("every rollout actor died and is out of restarts (rollout.max_restarts)")
+            time.sleep(0.5)
+        raise RunAborted(f"rollout actors {actors} did not come back within {self.timeout_s:g} s after dying "
+                         "(cluster.call_timeout_s)")
 
     def gather(self, chunks: list[Chunk], what: str, faults: FaultLog) -> list[RolloutGroup]:
         """The groups of unscored chunks, in row order. A chunk whose actor died is sampled again (counted);
@@ -217,6 +245,7 @@ class RolloutActorGroup:
         """Remember the process an actor answered from; True when it changed (Ray restarted the actor)."""
         changed = self.pids[actor] is not None and self.pids[actor] != pid
         self.pids[actor] = pid
+        self.restarting.discard(actor)
         return changed
 
     def shutdown(self) -> None:

@@ -91,7 +91,7 @@ class RolloutConfig(_Section):
     # A rollout actor that dies is restarted by Ray this many times (-1: always); its unfinished chunks are
     # sampled again, with the same rows, seed and weights, up to max_chunk_attempts times each.
     max_restarts: int = Field(-1, ge=-1)
-    max_chunk_attempts: int = Field(4, ge=1)
+    max_chunk_attempts: int = Field(8, ge=1)
 
 
 class ScorerConfig(_Section):

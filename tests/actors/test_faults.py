@@ -196,4 +196,5 @@ def test_reward_guard_stops_a_run_whose_scorer_always_fails(tmp_path):
     assert "timed out" in out or "busy" in out, out[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["faults"]["counts"]["unscored_samples"] == 2 * PROMPTS * K
+    assert sum(summary["faults"]["scorer_failures"]["bt"].values()) >= 2 * PROMPTS * K
     assert summary["stopped"]["stage"] == "rl" and "reward guard" in summary["stopped"]["error"]
