@@ -174,7 +174,8 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
     except RayActorError as exc:  # its constructor raised: a required scorer did not load
         text = str(exc)
         marker = f"{ScorerLoadError.__name__}: "
-        reason = text[text.index(marker) + len(marker):].strip() if marker in text else text
+        # the last one is the raise (the traceback quotes the source line's comment before it)
+        reason = text[text.rindex(marker) + len(marker):].strip() if marker in text else text
         raise ScorerLoadError(f"the reward server did not start: {reason}") from None
     except GetTimeoutError:
         raise RunAborted(f"the reward server did not start within {config.cluster.call_timeout_s:g} s "

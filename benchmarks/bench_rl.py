@@ -49,7 +49,7 @@ def sync_times(model_overrides: list[str], actors: int, method: str, repeats: in
     learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
     try:
         learners.start("nft", 0, init_state=EditPolicy.from_config(config.model).state_dict())
-        sync = WeightSync(learners, rollouts, method)
+        sync = WeightSync(learners, rollouts, method, FaultLog())
         sync.publish(0).wait()  # warm-up
         times = []
         for version in range(1, repeats + 1):

@@ -11,6 +11,7 @@ from actors.reward_server import find_reward_server, probe_samples, start_reward
 from posterrl.config import load_config
 from posterrl.models.reward_model import build_reward_model, reward_model_spec, save_reward_model
 from posterrl.runlog import RunDir
+from reward_server.registry import ScorerLoadError
 
 pytestmark = pytest.mark.integration
 REQUESTS = 200  # concurrent score requests of 2 samples each, batched 16 to a batch
@@ -73,11 +74,13 @@ def test_scorer_that_does_not_load_stops_the_server_unless_optional(ray_cluster,
     missing = tmp_path / "nowhere"
     scorers = f"[{{name: keep, kind: preservation}}, {{name: bt, kind: bradley_terry, path: {missing}{{optional}}}}]"
     required = reward_config(scorers.replace("{optional}", ""))
-    with pytest.raises(ray.exceptions.RayActorError) as err:
+    with pytest.raises(ScorerLoadError) as err:  # the constructor's message, not Ray's traceback
         start_reward_server(required, RunDir(tmp_path / "required").create(required))
     message = str(err.value)
-    assert "ScorerLoadError: the reward server cannot start: scorer 'bt' (kind bradley_terry, path " in message
+    assert message.startswith("the reward server did not start: the reward server cannot start: scorer 'bt' "
+                              "(kind bradley_terry, path "), message
     assert str(missing) in message and "is not optional" in message and "failed to load" in message
+    assert "Traceback" not in message
 
     optional = reward_config(scorers.replace("{optional}", ", optional: true"))
     server = start_reward_server(optional, RunDir(tmp_path / "optional").create(optional))

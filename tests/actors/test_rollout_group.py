@@ -53,9 +53,9 @@ def test_broadcast_sync_meets_on_loopback_and_reaches_every_actor(ray_cluster, t
     trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
     learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
     try:
-        assert rendezvous_host([learners.ranks[0], *rollouts.actors]) == "127.0.0.1"  # one node: loopback only
+        assert rendezvous_host([learners.ranks[0], *rollouts.actors], 60) == "127.0.0.1"  # one node: loopback only
         learners.start("nft", 0, init_state=trained.state_dict())
-        sync = WeightSync(learners, rollouts, "broadcast")
+        sync = WeightSync(learners, rollouts, "broadcast", FaultLog())
         sync.publish(4).wait()
         def weights_sum(worker) -> float:  # local: shipped by value to the actors
             return sum(float(p.double().sum()) for p in worker.policy.parameters())
