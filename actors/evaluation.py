@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from actors.context import PipelineContext
-from actors.faults import wait_all
+from actors.faults import ask_restartable
 from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
@@ -54,8 +54,8 @@ class Evaluation:
 def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str, float]:
     """Mean combined reward per task from the run's reward server (samples it drops are left out)."""
     server = ctx.reward_server()
-    results = wait_all([server.score.remote(samples, ctx.global_step)], ctx.config.cluster.call_timeout_s,
-                       ["the reward server (evaluation)"])[0]
+    results = ask_restartable(lambda: server.score.remote(samples, ctx.global_step), ctx.config.cluster.call_timeout_s,
+                              "the reward server (evaluation)")
     per_task: dict[str, list[float]] = defaultdict(list)
     for sample, result in zip(samples, results, strict=True):
         if result.reward is not None:
@@ -77,7 +77,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     rows = eval_rows(ctx.rows["val"], cfg.rollout.eval_per_task, tasks or list(cfg.data.tasks))
     group = ctx.rollout_group()
     if policy_state is not None:
-        group.load_weights(policy_state, version=ctx.global_step if version is None else version)
+        group.load_weights(policy_state, ctx.global_step if version is None else version, ctx.faults)
     chunks = group.submit(rows, group_size=1, base_seed=cfg.rollout.seed)
     ctx.wait_with_progress([c.ref for c in chunks], f"eval: sampling {label} ({len(rows)} prompts)")
     groups = group.gather(chunks, f"eval {label}", ctx.faults)

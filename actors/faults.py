@@ -10,12 +10,12 @@ message that names what failed; the CLI prints it and exits non-zero.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from posterrl.errors import UserError
 
@@ -131,3 +131,16 @@ class RewardGuard:
                          f"{self.max_fraction:.0%} for {len(self.streak)} epochs in a row (epochs "
                          f"{self.streak[0]}-{epoch}; rl.max_unscored_fraction, rl.unscored_patience). {what}. "
                          "Fix or swap the scorer (posterrl reward swap / set-weight) and resume with --resume")
+
+
+def ask_restartable(call: Callable[[], ray.ObjectRef], timeout_s: float, what: str) -> Any:
+    """The answer of an actor Ray restarts (the reward server): a call made while it is restarting fails at
+    once (ActorUnavailableError), so it is made again until the actor answers or timeout_s has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return wait_all([call()], max(deadline - time.monotonic(), 0.001), [what])[0]
+        except ActorLost as exc:
+            if not isinstance(exc.__cause__, ActorUnavailableError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -54,7 +54,8 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
     val_rows = [r for r in ctx.rows["val"] if r.task in tasks]
 
     began = time.perf_counter()
-    ctx.rollout_group().load_weights(EditPolicy.from_pretrained(policy_dir).state_dict(), version=ctx.global_step)
+    ctx.rollout_group().load_weights(EditPolicy.from_pretrained(policy_dir).state_dict(), ctx.global_step,
+                                     ctx.faults)
     seed = cfg.rollout.seed + PAIR_SEED_OFFSET
     train_pairs = sample_pairs(ctx, train_rows, bt.annotator_noise, "train prompts", seed)
     # Held-out pairs are ranked by the true gold metric: accuracy is measured against it, not the annotators.

@@ -22,7 +22,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.context import PipelineContext
 from actors.evaluation import evaluate, latest_policy_dir
-from actors.faults import FaultEvent, RewardGuard, RunAborted, wait_all
+from actors.faults import FaultEvent, RewardGuard, RunAborted, ask_restartable
 from actors.rollout_group import Chunk, ChunkResult, edit_samples
 from actors.rollout_log import RolloutLog, oldest_policy_version
 from actors.weight_sync import Publication, WeightSync
@@ -229,7 +229,7 @@ class RlStage:
         unscored = rewarded.count(False)
         if unscored:
             self.ctx.faults.record("unscored_samples", f"rl epoch {epoch}", unscored)
-        described = wait_all([self.server.describe.remote()], self.rollouts.timeout_s, ["the reward server"])[0]
+        described = ask_restartable(self.server.describe.remote, self.rollouts.timeout_s, "the reward server")
         self.ctx.faults.scorer_failures = described["failures"]
         pid = described["pid"]
         if self.server_pid is not None and pid != self.server_pid:

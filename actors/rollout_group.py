@@ -21,7 +21,7 @@ from PIL import Image
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.cluster import threads_for
-from actors.faults import FaultLog, RunAborted, wait_all
+from actors.faults import FaultLog, RunAborted
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -148,9 +148,20 @@ class RolloutActorGroup:
     def live(self) -> list[int]:
         return [i for i in range(len(self.actors)) if i not in self.dead]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor] | ray.ObjectRef, version: int) -> None:
-        refs = self.publish(state_dict, version)
-        wait_all(refs, self.timeout_s, [f"rollout actor {i} (load_weights)" for i in self.live()])
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | ray.ObjectRef, version: int,
+                     faults: FaultLog) -> None:
+        """Publish and wait until every actor holds the weights. An actor that dies meanwhile is counted and
+        loads them with its next chunk (chunks carry the weights), so it does not stop the run."""
+        actors, refs = self.live(), self.publish(state_dict, version)
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise RunAborted(f"rollout actors {[a for a, r in zip(actors, refs, strict=True) if r in pending]} did "
+                             f"not load weights within {self.timeout_s:g} s (cluster.call_timeout_s)")
+        for actor, ref in zip(actors, refs, strict=True):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError:
+                faults.record("weight_loads_lost", f"rollout actor {actor}")
 
     def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:
         return [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]

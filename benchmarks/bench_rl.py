@@ -69,7 +69,7 @@ def rollout_throughput(rows, group_size: int, repeats: int) -> tuple[float, floa
     policy_state = EditPolicy.from_config(config.model).state_dict()
     group = RolloutActorGroup(config)
     try:
-        group.load_weights(policy_state, version=0)
+        group.load_weights(policy_state, 0, FaultLog())
         group.gather(group.submit(rows, group_size, base_seed=0), "bench", FaultLog())  # warm-up
         actor_times = []
         for seed in range(1, repeats + 1):

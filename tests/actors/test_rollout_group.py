@@ -29,7 +29,7 @@ def test_weights_reach_every_actor_and_samples_match_in_process(ray_cluster, tin
     group = RolloutActorGroup(config)
     try:
         assert len(group.actors) == config.rollout.num_actors == 2
-        group.load_weights(trained.state_dict(), version=3)
+        group.load_weights(trained.state_dict(), 3, FaultLog())
         chunks = group.submit(rows, group_size=2, base_seed=0, chunk=3)
         assert len(chunks) == 4  # 12 rows in chunks of 3, dealt to both actors
         assert [c.actor for c in chunks] == [0, 1, 0, 1]
