@@ -1,4 +1,4 @@
-"""`posterrl` command line: run, sft, distill, rl, reward, config, data generate|show, sample."""
+"""`posterrl` command line: run, sft, distill, rl, reward, config, data generate|show, sample, model make-tiny."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from posterrl.config import Config, ConfigDeprecationWarning, DataConfig, load_c
 from posterrl.config.schema import field_range
 from posterrl.config.validate import name_problem, scorer_problems, url_problem, weight_problem
 from posterrl.errors import Interrupted, UserError
-from posterrl.names import JUDGE_BACKENDS, SCORER_KINDS, SOLVER_NAMES
+from posterrl.names import JUDGE_BACKENDS, PIPELINE_MODEL_KINDS, SCORER_KINDS, SOLVER_NAMES
 
 console = Console(soft_wrap=True)  # messages stay on one line, so they can be grepped
 
@@ -239,6 +239,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_make_tiny(args: argparse.Namespace) -> int:
+    """A tiny random-weight diffusers pipeline of a real architecture, written to --out (nothing is downloaded)."""
+    from posterrl.models.tiny_pipelines import BUILDERS, check_out_dir, make_tiny, parameter_counts
+
+    check_out_dir(args.out, args.force)
+    output_dir(args.out.parent, "--out", given=args.out)  # <out>.tmp is written beside it, then moved in
+    out = make_tiny(args.kind, args.out, seed=args.seed, force=args.force)
+    counts = parameter_counts(out)
+    console.print(f"wrote {BUILDERS[args.kind][0]} ({args.kind}, seed {args.seed}) to {out}: "
+                  + ", ".join(f"{name} {count:,}" for name, count in counts.items())
+                  + f" parameters, {sum(counts.values()):,} in all")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterrl", description="RL for diffusion poster-edit models on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--size", type=int, help="poster size for --task (default: the policy's canvas)")
     sample.set_defaults(func=cmd_sample)
+
+    model = sub.add_parser("model", help="the released architectures (FLUX.1 Kontext, Qwen-Image-Edit)")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_commands.add_parser(
+        "make-tiny", help="write a tiny diffusers pipeline of a released architecture with random weights, "
+                          "built in code (nothing is downloaded); from_pretrained(OUT) loads it")
+    tiny.add_argument("--kind", required=True, choices=list(PIPELINE_MODEL_KINDS))
+    tiny.add_argument("--out", required=True, type=Path, help="the pipeline folder to write (new or empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights' seed: the same seed writes the same files")
+    tiny.add_argument("--force", action="store_true", help="replace what a non-empty --out holds")
+    tiny.set_defaults(func=cmd_model_make_tiny)
     return parser
 
 

@@ -19,6 +19,9 @@ STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 # Policies a config may name (model.kind). Which of them this version builds: posterrl.config.validate.
 ModelKind = Literal["tiny_flux", "flux_kontext", "qwen_image_edit"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+# The kinds that are a released diffusers pipeline, loaded from a local folder (model.pretrained_path): a
+# downloaded checkpoint, or the tiny random one `posterrl model make-tiny` writes. tiny_flux is posterrl's own.
+PIPELINE_MODEL_KINDS: tuple[str, ...] = tuple(kind for kind in MODEL_KINDS if kind != "tiny_flux")
 
 # Reward scorers (reward.scorers[].kind; reward_server/registry.py maps each to its class).
 ScorerKind = Literal["bradley_terry", "vlm_judge", "preservation", "ocr_title"]

@@ -293,6 +293,7 @@ def test_closed_lists_are_the_configs_choices():
     assert tuple(choices("reward", "add")["backend"]) == names.JUDGE_BACKENDS
     assert tuple(choices("reward", "swap")["backend"]) == names.JUDGE_BACKENDS
     assert tuple(choices("sample")["solver"]) == names.SOLVER_NAMES
+    assert tuple(choices("model", "make-tiny")["kind"]) == names.PIPELINE_MODEL_KINDS
 
 
 # ---------------------------------------------------------------- values no run can use
