@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,15 +86,20 @@ class Soak:
             victim.kill()
         except psutil.NoSuchProcess:
             return False
-        self.kills.append({"kind": kind, "time": time.time(), "pid": victim.pid, "epoch_dumps": self.dumps(run)})
-        if kind != "learner":  # Ray restarts it: until a process of that actor class runs again
-            deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None:
-                if [p for p in session_processes(proc.pid, title) if p.pid not in before]:
-                    self.kills[-1]["new_process_s"] = time.time() - self.kills[-1]["time"]
-                    break
-                time.sleep(0.05)
+        kill = {"kind": kind, "time": time.time(), "pid": victim.pid, "epoch_dumps": self.dumps(run)}
+        self.kills.append(kill)
+        if kind != "learner":  # Ray restarts it: timed on the side, so the next kills keep their schedule
+            threading.Thread(target=self.time_restart, args=(proc, title, before, kill), daemon=True).start()
         return True
+
+    def time_restart(self, proc: subprocess.Popen, title: str, before: set[int], kill: dict) -> None:
+        """Until a process of the killed actor's class that was not there before the kill runs."""
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if [p for p in session_processes(proc.pid, title) if p.pid not in before]:
+                kill["new_process_s"] = time.time() - kill["time"]
+                return
+            time.sleep(0.05)
 
     def collect_faults(self, run: Path) -> None:
         summary = json.loads((run / "summary.json").read_text())
