@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import ray
@@ -59,6 +60,9 @@ def connect(config: Config, address: str | None = None, run_dir: str | Path | No
         return False
     address = address or config.cluster.address
     if address:
+        refused = unreachable(address)
+        if refused:  # at once: Ray itself retries a dead GCS address for about 90 s before it says so
+            raise ClusterError(f"cannot reach the Ray cluster at --address {address}: {refused}")
         try:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as exc:
@@ -71,6 +75,18 @@ def connect(config: Config, address: str | None = None, run_dir: str | Path | No
              include_dashboard=config.cluster.dashboard, dashboard_host=config.cluster.dashboard_host,
              log_to_driver=True)
     return True
+
+
+def unreachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why a host:port address takes no TCP connection (None when it does, or for other forms: auto, ray://)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"no Ray head listens there ({type(exc).__name__}: {exc})"
+    return None
 
 
 def auth_info() -> dict[str, str | None]:

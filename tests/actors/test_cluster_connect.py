@@ -69,4 +69,4 @@ def test_an_unreachable_address_is_a_clear_error(ray_tmpdir, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "127.0.0.1:1" in proc.stdout and "error" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert time.monotonic() - start < 120
+    assert time.monotonic() - start < 60  # a refused port is said at once, not after Ray's ~90 s of retries
