@@ -22,8 +22,8 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.context import PipelineContext
 from actors.evaluation import evaluate, latest_policy_dir
-from actors.faults import FaultEvent, RewardGuard, RunAborted, ask_restartable
-from actors.rollout_group import Chunk, ChunkResult, edit_samples
+from actors.faults import RewardGuard, RunAborted, ask_restartable
+from actors.rollout_group import Chunk, edit_samples
 from actors.rollout_log import RolloutLog, oldest_policy_version
 from actors.weight_sync import Publication, WeightSync
 from learner.data import rl_batches, rl_prompts
@@ -67,7 +67,6 @@ class Pending:
         rollouts, faults = stage.rollouts, stage.ctx.faults
         sampling: dict[ray.ObjectRef, Chunk] = {c.ref: c for c in self.chunks if c.ref is not None}
         scoring: dict[ray.ObjectRef, tuple[Chunk, int]] = {}  # rewards ref -> chunk, attempt
-        redispatched: dict[int, FaultEvent] = {}  # chunk index -> its open fault event
         sampled_at = self.submitted
         while sampling or scoring:
             ready, _ = ray.wait([*sampling, *scoring], num_returns=1, timeout=rollouts.timeout_s)
@@ -79,21 +78,12 @@ class Pending:
             ref = ready[0]
             if ref in sampling:
                 chunk = sampling.pop(ref)
-                try:
-                    result: ChunkResult = ray.get(ref, timeout=0)
-                except RayActorError as exc:
-                    redispatched[chunk.index] = faults.record("rollout_chunks_redispatched", chunk.what)
-                    rollouts.redispatch(chunk, exc)
-                    assert chunk.ref is not None  # dispatch set it
+                result = rollouts.receive(chunk, f"rl epoch {self.epoch}", faults)
+                if result is None:  # its actor died: sent again
+                    assert chunk.ref is not None
                     sampling[chunk.ref] = chunk
                     continue
-                except RayTaskError as exc:
-                    raise RunAborted(f"rl epoch {self.epoch}: {chunk.what} failed: {exc}") from exc
-                if rollouts.note_pid(chunk.actor, result.pid):
-                    faults.record("rollout_actor_restarts", f"rollout actor {chunk.actor}").recovered_at = time.time()
-                if chunk.index in redispatched:
-                    redispatched.pop(chunk.index).recovered_at = time.time()
-                chunk.groups = result.groups
+                assert result.rewards is not None  # a scored chunk
                 scoring[result.rewards] = (chunk, 1)
                 sampled_at = time.perf_counter()
             else:

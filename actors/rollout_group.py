@@ -21,7 +21,7 @@ from PIL import Image
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.cluster import threads_for
-from actors.faults import FaultLog, RunAborted
+from actors.faults import FaultEvent, FaultLog, RunAborted
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -74,6 +74,7 @@ class Chunk:
     groups: list[RolloutGroup] | None = None
     rewards: list | None = None
     errors: list[str] = field(default_factory=list)
+    losses: list[FaultEvent] = field(default_factory=list)  # the faults that made it be sent again
 
     @property
     def what(self) -> str:
@@ -238,19 +239,30 @@ class RolloutActorGroup:
                 raise RunAborted(f"{what}: no answer for {self.timeout_s:g} s (cluster.call_timeout_s) from "
                                  + "; ".join(c.what for c in waiting.values()))
             chunk = waiting.pop(ready[0])
-            try:
-                result: ChunkResult = ray.get(ready[0], timeout=0)
-            except RayActorError as exc:
-                faults.record("rollout_chunks_redispatched", f"{what}: {chunk.what}")
-                self.redispatch(chunk, exc)
+            if self.receive(chunk, what, faults) is None:
+                assert chunk.ref is not None  # sent again
                 waiting[chunk.ref] = chunk
-                continue
-            except RayTaskError as exc:
-                raise RunAborted(f"{what}: {chunk.what} failed: {exc}") from exc
-            if self.note_pid(chunk.actor, result.pid):
-                faults.record("rollout_actor_restarts", f"rollout actor {chunk.actor}").recovered_at = time.time()
-            chunk.groups = result.groups
         return [group for chunk in chunks for group in chunk.groups or []]
+
+    def receive(self, chunk: Chunk, what: str, faults: FaultLog) -> ChunkResult | None:
+        """The answer of a chunk whose ref is ready (its groups kept on the chunk); None when its actor died,
+        and the chunk was sent again (counted, and timed until its answer)."""
+        assert chunk.ref is not None  # dispatched
+        try:
+            result: ChunkResult = ray.get(chunk.ref, timeout=0)
+        except RayActorError as exc:
+            chunk.losses.append(faults.record("rollout_chunks_redispatched", f"{what}: {chunk.what}"))
+            self.redispatch(chunk, exc)
+            return None
+        except RayTaskError as exc:
+            raise RunAborted(f"{what}: {chunk.what} failed: {exc}") from exc
+        now = time.time()
+        if self.note_pid(chunk.actor, result.pid):
+            faults.record("rollout_actor_restarts", f"rollout actor {chunk.actor}").recovered_at = now
+        for loss in chunk.losses:
+            loss.recovered_at = now
+        chunk.groups = result.groups
+        return result
 
     def note_pid(self, actor: int, pid: int) -> bool:
         """Remember the process an actor answered from; True when it changed (Ray restarted the actor)."""
