@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.tensorboard import SummaryWriter
 
-from actors.faults import FaultLog, RunAborted, wait_all
+from actors.faults import FaultLog, no_answer, wait_all
 from actors.learner_group import LearnerGroup
 from actors.reward_server import start_reward_server
 from actors.rollout_group import RolloutActorGroup
@@ -80,8 +80,7 @@ class PipelineContext:
             while pending:  # failures surface in the caller's wait_all
                 ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
                 if not ready:
-                    raise RunAborted(f"{description}: {len(pending)} of {len(refs)} answers missing after "
-                                     f"{timeout_s:g} s without progress (cluster.call_timeout_s)")
+                    raise no_answer([f"{len(pending)} of {len(refs)} tasks"], timeout_s, description)
                 progress.update(bar, completed=len(refs) - len(pending))
 
     def stop_point(self, where: str) -> None:

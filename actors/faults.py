@@ -71,6 +71,12 @@ class FaultLog:
                             "recovered_at": e.recovered_at} for e in self.events[-1000:]]}
 
 
+def no_answer(waiting: Sequence[str], timeout_s: float, where: str = "") -> RunAborted:
+    """The error for waits that saw no answer for timeout_s, naming what they waited for."""
+    return RunAborted(f"{where + ': ' if where else ''}no answer for {timeout_s:g} s (cluster.call_timeout_s) from "
+                      f"{'; '.join(waiting)}; the run stops (resume it with --resume)")
+
+
 def wait_all(refs: Sequence[ray.ObjectRef], timeout_s: float, what: Sequence[str]) -> list[Any]:
     """ray.get of every ref, failing fast: the first ref that fails raises at once (a dead actor is noticed
     as soon as Ray knows, even while the others wait on it in a collective), and no ref finishing for
@@ -80,9 +86,7 @@ def wait_all(refs: Sequence[ray.ObjectRef], timeout_s: float, what: Sequence[str
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
         if not ready:
-            names = ", ".join(what[index[ref]] for ref in pending)
-            raise RunAborted(f"no answer from {names} for {timeout_s:g} s (cluster.call_timeout_s); "
-                             "the run stops (resume it with --resume)")
+            raise no_answer([what[index[ref]] for ref in pending], timeout_s)
         for ref in ready:
             try:
                 results[index[ref]] = ray.get(ref, timeout=0)  # ready: does not block

@@ -22,7 +22,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.context import PipelineContext
 from actors.evaluation import evaluate, latest_policy_dir
-from actors.faults import RewardGuard, RunAborted, ask_restartable
+from actors.faults import RewardGuard, RunAborted, ask_restartable, no_answer
 from actors.rollout_group import Chunk, edit_samples
 from actors.rollout_log import RolloutLog, oldest_policy_version
 from actors.weight_sync import Publication, WeightSync
@@ -31,7 +31,6 @@ from learner.nft import NoRetirement, PromptRetirement
 from learner.scoring import EpochScores, score_epoch
 from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError
-from posterrl.data.manifest import ManifestRow
 from posterrl.experience import Experience, RlSample
 from posterrl.policy import SPEC_FILE, EditPolicy
 
@@ -52,7 +51,6 @@ class Pending:
     """Rollouts submitted to the actors, not yet collected: one epoch's chunks."""
 
     epoch: int
-    rows: list[ManifestRow]
     chunks: list[Chunk]
     step: int  # the global step the reward server is told (where its changes line up in TensorBoard)
     submitted: float = field(default_factory=time.perf_counter)
@@ -71,10 +69,9 @@ class Pending:
         while sampling or scoring:
             ready, _ = ray.wait([*sampling, *scoring], num_returns=1, timeout=rollouts.timeout_s)
             if not ready:
-                waiting = [c.what for c in sampling.values()] + [f"the reward server ({c.what})"
-                                                                for c, _ in scoring.values()]
-                raise RunAborted(f"rl epoch {self.epoch}: no answer for {rollouts.timeout_s:g} s "
-                                 f"(cluster.call_timeout_s) from {'; '.join(waiting)}")
+                raise no_answer([c.what for c in sampling.values()]
+                                + [f"the reward server ({c.what})" for c, _ in scoring.values()],
+                                rollouts.timeout_s, f"rl epoch {self.epoch}")
             ref = ready[0]
             if ref in sampling:
                 chunk = sampling.pop(ref)
@@ -187,7 +184,7 @@ class RlStage:
         prompts = rl_prompts(self.rows, self.rl.prompts_per_epoch, self.rl.seed, epoch, self.retirement.retired)
         chunks = self.rollouts.submit(prompts, self.ctx.config.rollout.group_size, self.base_seed + epoch,
                                       reward_server=self.server, step=self.ctx.global_step)
-        return Pending(epoch, prompts, chunks, self.ctx.global_step)
+        return Pending(epoch, chunks, self.ctx.global_step)
 
     def train(self, epoch: int, samples: list[RlSample]) -> EpochTraining:
         """rl.passes over the samples in rl_batches, then the soft update of theta_old, published as epoch + 1."""

@@ -21,7 +21,7 @@ from PIL import Image
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.cluster import threads_for
-from actors.faults import FaultEvent, FaultLog, RunAborted
+from actors.faults import ActorLost, FaultEvent, FaultLog, RunAborted, no_answer
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -153,16 +153,27 @@ class RolloutActorGroup:
                      faults: FaultLog) -> None:
         """Publish and wait until every actor holds the weights. An actor that dies meanwhile is counted and
         loads them with its next chunk (chunks carry the weights), so it does not stop the run."""
-        actors, refs = self.live(), self.publish(state_dict, version)
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        actors = self.live()
+        self.await_loads(actors, self.publish(state_dict, version), faults)
+
+    def await_loads(self, actors: list[int], acks: list[ray.ObjectRef], faults: FaultLog,
+                    restorable: bool = True) -> list[float]:
+        """The seconds each actor spent loading weights (acks[i] from actors[i]), of those that answered.
+        restorable (the weights are in the object store): an actor that died meanwhile is counted and loads
+        them with its next chunk; otherwise its death stops the run."""
+        _, pending = ray.wait(acks, num_returns=len(acks), timeout=self.timeout_s)
         if pending:
-            raise RunAborted(f"rollout actors {[a for a, r in zip(actors, refs, strict=True) if r in pending]} did "
-                             f"not load weights within {self.timeout_s:g} s (cluster.call_timeout_s)")
-        for actor, ref in zip(actors, refs, strict=True):
+            raise no_answer([f"rollout actor {a} (load weights)" for a, r in zip(actors, acks, strict=True)
+                             if r in pending], self.timeout_s)
+        loads = []
+        for actor, ack in zip(actors, acks, strict=True):
             try:
-                ray.get(ref, timeout=0)
-            except RayActorError:
+                loads.append(ray.get(ack, timeout=0))
+            except RayActorError as exc:
+                if not restorable:
+                    raise ActorLost(f"rollout actor {actor} (load weights)", exc) from exc
                 faults.record("weight_loads_lost", f"rollout actor {actor}")
+        return loads
 
     def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:
         return [list(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
@@ -236,8 +247,7 @@ class RolloutActorGroup:
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.timeout_s)
             if not ready:
-                raise RunAborted(f"{what}: no answer for {self.timeout_s:g} s (cluster.call_timeout_s) from "
-                                 + "; ".join(c.what for c in waiting.values()))
+                raise no_answer([c.what for c in waiting.values()], self.timeout_s, what)
             chunk = waiting.pop(ready[0])
             if self.receive(chunk, what, faults) is None:
                 assert chunk.ref is not None  # sent again

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError
 
 from actors.cluster import rendezvous_host
-from actors.faults import FaultLog, RunAborted, wait_all
+from actors.faults import FaultLog, wait_all
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 
@@ -25,34 +24,18 @@ from actors.rollout_group import RolloutActorGroup
 class Publication:
     """Weights on their way to the actors."""
 
+    rollouts: RolloutActorGroup
     acks: list[ray.ObjectRef]  # one per live actor: the seconds it spent loading
     actors: list[int]  # the actors the acks come from
     handover_s: float  # the source's part: producing the object (object_store); 0 for broadcast
-    timeout_s: float
     faults: FaultLog
     restorable: bool  # object_store: an actor that died while loading loads the weights with its next chunk
     others: list[ray.ObjectRef] = field(default_factory=list)  # the broadcast's sending side
 
     def wait(self) -> float:
-        """Block until every actor holds the weights; the sync time is the handover plus the slowest load.
-        An actor that died meanwhile (object_store) is counted, and loads the weights with its next chunk."""
-        loads = []
-        ready, pending = ray.wait(self.acks, num_returns=len(self.acks), timeout=self.timeout_s)
-        for actor, ack in zip(self.actors, self.acks, strict=True):
-            if ack in pending:
-                continue
-            try:
-                loads.append(ray.get(ack, timeout=0))
-            except RayActorError:
-                if not self.restorable:
-                    raise
-                self.faults.record("weight_loads_lost", f"rollout actor {actor}")
-        if pending:
-            names = [f"rollout actor {a} (load weights)" for a, ack in zip(self.actors, self.acks, strict=True)
-                     if ack in pending]
-            raise RunAborted(f"no answer from {', '.join(names)} for {self.timeout_s:g} s (cluster.call_timeout_s); "
-                             "the run stops (resume it with --resume)")
-        wait_all(self.others, self.timeout_s, ["learner rank 0 (broadcast weights)"] * len(self.others))
+        """Block until every actor holds the weights; the sync time is the handover plus the slowest load."""
+        loads = self.rollouts.await_loads(self.actors, self.acks, self.faults, self.restorable)
+        wait_all(self.others, self.rollouts.timeout_s, ["learner rank 0 (broadcast weights)"] * len(self.others))
         return self.handover_s + max(loads, default=0.0)
 
 
@@ -83,10 +66,10 @@ class WeightSync:
             began = time.perf_counter()
             weights = source.sampling_weights.remote()
             wait_all([weights], self.timeout_s, ["learner rank 0 (sampling weights)"])
+            actors = self.rollouts.live()
             acks = self.rollouts.publish(weights, version)
-            return Publication(acks, self.rollouts.live(), time.perf_counter() - began, self.timeout_s, self.faults,
-                               restorable=True)
+            return Publication(self.rollouts, acks, actors, time.perf_counter() - began, self.faults, restorable=True)
         acks = [a.receive_weights.remote(version) for a in self.rollouts.actors]
         self.rollouts.set_version(version)
-        return Publication(acks, list(range(len(acks))), 0.0, self.timeout_s, self.faults, restorable=False,
+        return Publication(self.rollouts, acks, list(range(len(acks))), 0.0, self.faults, restorable=False,
                            others=[source.broadcast_sampling_weights.remote()])
