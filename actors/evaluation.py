@@ -16,7 +16,8 @@ from posterrl.data.gold import gold_metric
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
 from posterrl.models.samples import EditSample
-from posterrl.policy import SPEC_FILE, EditPolicy
+from posterrl.policies import build_policy, load_policy
+from posterrl.policy import SPEC_FILE
 from posterrl.runlog import RunDir
 
 
@@ -120,10 +121,10 @@ def run_eval(ctx: PipelineContext) -> dict[str, Any]:
     """The final held-out evaluation of the newest policy of the run (untrained if none was trained)."""
     source = latest_policy_dir(ctx.run)
     if source is None:
-        policy, label = EditPolicy.from_config(ctx.config.model, ctx.config.rollout), "untrained"
+        policy, label = build_policy(ctx.config.model, ctx.config.rollout), "untrained"
     else:
-        policy, label = EditPolicy.from_pretrained(source), POLICY_LABELS[source.name]
-    evaluation = evaluate(ctx, policy.state_dict(), label)
+        policy, label = load_policy(source), POLICY_LABELS[source.name]
+    evaluation = evaluate(ctx, policy.policy_state(), label)
     export = policy.save_pretrained(ctx.run.stage_checkpoint("eval"))
     evaluation.record(ctx.run, label)
     figures = {"policy": label, "checkpoint": str(export), "per_task_prompts": ctx.config.rollout.eval_per_task,
@@ -143,9 +144,8 @@ def final_table(ctx: PipelineContext) -> dict[str, dict[str, dict[str, float]]]:
     sources = {"untrained": None, "student": ctx.run.stage_checkpoint("distill")}
     for label, source in sources.items():
         if label in summary["gold"] and label not in summary.get("reward", {}) and ctx.reward_available():
-            policy = (EditPolicy.from_config(ctx.config.model, ctx.config.rollout) if source is None
-                      else EditPolicy.from_pretrained(source))
-            ctx.run.record_reward(label, evaluate(ctx, policy.state_dict(), label, tag_prefix="final").reward)
+            policy = build_policy(ctx.config.model, ctx.config.rollout) if source is None else load_policy(source)
+            ctx.run.record_reward(label, evaluate(ctx, policy.policy_state(), label, tag_prefix="final").reward)
     summary = ctx.run.summary()
     return {label: {"gold": summary["gold"][label], "reward": summary.get("reward", {}).get(label, {})}
             for label in ("untrained", "student", "after RL") if label in summary["gold"]}

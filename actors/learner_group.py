@@ -71,8 +71,8 @@ class LearnerGroup:
         """A method that only rank 0 answers (no collective), e.g. the weights or a scoring pass."""
         return self._wait([getattr(self.ranks[0], method).remote(*args)], method)[0]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.rank0("state_dict")
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return self.rank0("policy_state")
 
     def shutdown(self) -> None:
         """Leave the process groups and stop the ranks. Ranks stuck in a collective (a peer died) do not

@@ -15,7 +15,7 @@ from posterrl.config import ConfigError
 from posterrl.data.manifest import ManifestRow
 from posterrl.models.reward_model import MODEL_SPEC_FILE, reward_model_spec
 from posterrl.models.samples import PreferencePair
-from posterrl.policy import EditPolicy
+from posterrl.policies import load_policy
 from reward_server.pairs import pairs_from_groups, pairwise_accuracy
 from reward_server.preference_manifest import load_preference_manifest
 
@@ -54,7 +54,7 @@ def run_reward(ctx: PipelineContext) -> dict[str, Any]:
     val_rows = [r for r in ctx.rows["val"] if r.task in tasks]
 
     began = time.perf_counter()
-    ctx.rollout_group().load_weights(EditPolicy.from_pretrained(policy_dir).state_dict(), ctx.global_step,
+    ctx.rollout_group().load_weights(load_policy(policy_dir).policy_state(), ctx.global_step,
                                      ctx.faults)
     seed = cfg.rollout.seed + PAIR_SEED_OFFSET
     train_pairs = sample_pairs(ctx, train_rows, bt.annotator_noise, "train prompts", seed)

@@ -32,7 +32,8 @@ from learner.scoring import EpochScores, score_epoch
 from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError
 from posterrl.experience import Experience, RlSample
-from posterrl.policy import SPEC_FILE, EditPolicy
+from posterrl.policies import load_policy
+from posterrl.policy import SPEC_FILE
 
 if TYPE_CHECKING:
     from learner.core import StepStats
@@ -133,7 +134,7 @@ def start_policy(ctx: PipelineContext) -> tuple[Path, dict]:
         if newest is None:
             raise ConfigError(f"rl: {ctx.run.root} has no exported policy to start from (run the distill stage first)")
         source = newest
-    return source, EditPolicy.from_pretrained(source).state_dict()
+    return source, load_policy(source).policy_state()
 
 
 def group_means(experiences: list[Experience]) -> dict[str, float]:

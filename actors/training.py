@@ -14,7 +14,8 @@ from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError, DistillConfig, SftConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
-from posterrl.policy import SPEC_FILE, EditPolicy
+from posterrl.policies import build_policy, load_policy
+from posterrl.policy import SPEC_FILE
 
 REGIMES = ("local", "global")
 
@@ -49,7 +50,7 @@ def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task:
             progress.update(bar, completed=step + 1, info=f"loss {stats.loss:.4f}")
             if (step + 1) % stage.eval_every == 0 and step + 1 < steps:
                 progress.stop()
-                evaluate(ctx, group.state_dict(), f"{name} step {step + 1}", eval_tasks)
+                evaluate(ctx, group.policy_state(), f"{name} step {step + 1}", eval_tasks)
                 progress.start()
             if step + 1 < steps and ((step + 1) % stage.checkpoint_every == 0 or ctx.stop_requested):
                 group.call("save_checkpoint", str(checkpoint_dir), {"data_position": step + 1}, lc.keep_checkpoints)
@@ -65,7 +66,7 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
     cfg = ctx.config
     rows = ctx.train_rows()
     if "untrained" not in ctx.run.summary().get("gold", {}):
-        untrained = EditPolicy.from_config(cfg.model, cfg.rollout).state_dict()
+        untrained = build_policy(cfg.model, cfg.rollout).policy_state()
         evaluate(ctx, untrained, "untrained").record(ctx.run, "untrained")
     figures: dict[str, Any] = {}
     for regime in REGIMES:
@@ -80,7 +81,7 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
             raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
         figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft, {},
                                        export_dir, regime_tasks)
-        evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), label)
+        evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), label)
         evaluation.record(ctx.run, label)
         figures[regime]["gold"] = evaluation.gold
     return figures
@@ -101,12 +102,12 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
         path = ctx.run.stage_checkpoint("sft") / regime
         if not (path / SPEC_FILE).is_file():
             raise ConfigError(f"distill needs the sft experts: {path} has no exported policy (run the sft stage first)")
-        experts[regime] = EditPolicy.from_pretrained(path).state_dict()
+        experts[regime] = load_policy(path).policy_state()
     export_dir = ctx.run.stage_checkpoint("distill")
     init = experts[cfg.distill.init] if cfg.distill.init != "config" else None
     figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill,
                            {"expert_states": experts, "init_state": init}, export_dir, list(cfg.data.tasks))
-    evaluation = evaluate(ctx, EditPolicy.from_pretrained(export_dir).state_dict(), "student")
+    evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), "student")
     evaluation.record(ctx.run, "student")
     figures["gold"] = evaluation.gold
     return figures

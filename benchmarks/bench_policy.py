@@ -15,8 +15,9 @@ import time
 import torch
 
 from posterrl.config import load_config
+from posterrl.flow import SamplerConfig, flow_sigmas
 from posterrl.policy import EditPolicy
-from rollout.sampler import SamplerConfig, flow_sigmas, group_noise, sample
+from rollout.sampler import group_noise, sample
 
 
 def timed(fn, repeats: int) -> float:

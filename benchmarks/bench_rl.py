@@ -32,8 +32,8 @@ from actors.weight_sync import WeightSync
 from posterrl.config import load_config
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import TASKS, generate_dataset
+from posterrl.flow import SamplerConfig
 from posterrl.policy import EditPolicy
-from rollout.sampler import SamplerConfig
 from rollout.worker import RolloutWorker
 
 BIG = ["model.transformer.num_layers=3", "model.transformer.num_single_layers=5",

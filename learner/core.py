@@ -163,7 +163,7 @@ class Learner:
 
     def sampling_checksum(self) -> float:
         """Sum of theta_old's parameters (tests follow the soft update with it)."""
-        return _checksum(self._require(NftTask).sampling_policy)
+        return self._require(NftTask).sampling_checksum()
 
     def pair_scores(self, pairs: list[PreferencePair]) -> tuple[list[float], list[float]]:
         return self._require(RewardModelTask).pair_scores(self.module, pairs)
@@ -178,9 +178,11 @@ class Learner:
         """Sum of all trained parameters (tests compare it across ranks)."""
         return _checksum(self.module)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU (ZeRO-2 keeps whole parameters on every rank)."""
-        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The trained policy's policy_state() (all weights, or the adapters with LoRA) in fp32 on CPU (ZeRO-2
+        keeps whole parameters on every rank)."""
+        state = self.module.policy_state()  # type: ignore[operator]
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
     def save_checkpoint(self, directory: str, client_state: dict, keep_last: int = 2) -> str:
         """DeepSpeed checkpoint under directory/step_N; `latest.json` moves only once every rank is done.

@@ -1,6 +1,7 @@
 """Losses as pure functions: (tensors, hyperparameters) -> (loss, stats).
 
-Shapes: B samples of images (B, C, H, W). Stats are detached Python floats for logging.
+Shapes: B samples of images (B, C, H, W), or of any latents (B, ...): every loss averages over all but the
+first axis. Stats are detached Python floats for logging.
 """
 
 from __future__ import annotations
@@ -35,4 +36,4 @@ def distillation_loss(v_student: torch.Tensor, v_expert: torch.Tensor, x0: torch
 
 def pick_expert_velocity(v_local: torch.Tensor, v_global: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
     """Per sample, the velocity of the expert owning its regime. is_global: (B,) bool."""
-    return torch.where(is_global.view(-1, 1, 1, 1), v_global, v_local)  # (B, C, H, W)
+    return torch.where(is_global.view(-1, *([1] * (v_local.dim() - 1))), v_global, v_local)  # (B, C, H, W)

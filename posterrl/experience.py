@@ -23,6 +23,7 @@ class SampledGroup(Protocol):
 
     inputs: torch.Tensor  # (N, 3, R, R)
     samples: torch.Tensor  # (K, 3, R, R)
+    latents: torch.Tensor | None  # (K, *latent_shape), None for a pixel-space policy
     output_aspect: tuple[float, float]
     policy_version: int
 
@@ -42,7 +43,8 @@ class RlSample:
     """One scored rollout sample as the learner trains on it (the NFT stage).
 
     inputs: (N, 3, R, R) the input canvases the policy was conditioned on, in [-1, 1]
-    x0:     (3, R, R) the clean sample the sampling policy produced, in [-1, 1]
+    x0:     (*S) the clean sample the sampling policy produced: the canvas (3, R, R) in [-1, 1] for a pixel-space
+            policy, the sampler's latents for a released pipeline
     r:      optimality probability in [0, 1] (docs/design.md: from the group-normalised reward)
     """
 
@@ -55,7 +57,7 @@ class RlSample:
 
 
 def stack_rl_samples(samples: Sequence[RlSample]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """instructions, inputs (B, N, 3, R, R), x0 (B, 3, R, R), r (B,); every sample must have the same N."""
+    """instructions, inputs (B, N, 3, R, R), x0 (B, *S), r (B,); every sample must have the same N."""
     counts = {s.inputs.shape[0] for s in samples}
     if len(counts) != 1:
         raise ValueError(f"stack_rl_samples needs samples with one number of inputs, got {sorted(counts)}")
@@ -69,7 +71,9 @@ class Experience:
 
     row:             the manifest row that was the prompt (its id, task and instruction are the group's)
     inputs:          (N, 3, R, R) the input canvases the samples were conditioned on, in [-1, 1]
-    samples:         (K, 3, R, R) the clean outputs (x0) of the sampling policy, in [-1, 1]
+    samples:         (K, 3, R, R) the clean outputs of the sampling policy, in [-1, 1]
+    latents:         (K, *latent_shape) what the sampler produced (the NFT update's x0); None for a pixel-space
+                     policy, whose samples are its x0
     output_aspect:   (w, h) the outputs are cropped to
     policy_version:  version of the weights that sampled them
     reward:          (K,) combined reward; NaN where a live scorer gave no finite score (the sample is dropped)
@@ -95,6 +99,7 @@ class Experience:
     advantages: np.ndarray
     r: np.ndarray
     filtered: bool = False
+    latents: torch.Tensor | None = None
 
     @classmethod
     def from_rollout(cls, row: ManifestRow, group: SampledGroup, results: Sequence[ScoredSample]) -> Experience:
@@ -107,7 +112,8 @@ class Experience:
         return cls(row=row, inputs=group.inputs, samples=group.samples, output_aspect=group.output_aspect,
                    policy_version=group.policy_version, reward=reward, components=components,
                    weights=dict(first.weights), reward_versions=dict(first.versions),
-                   failed=[dict(res.failed) for res in results], advantages=np.full(k, np.nan), r=np.full(k, np.nan))
+                   failed=[dict(res.failed) for res in results], advantages=np.full(k, np.nan), r=np.full(k, np.nan),
+                   latents=group.latents)
 
     @property
     def prompt_id(self) -> str:
@@ -138,5 +144,6 @@ class Experience:
         """The samples the learner trains on: those with an optimality probability, unless the group is filtered."""
         if self.filtered:
             return []
-        return [RlSample(self.prompt_id, self.task, self.instruction, self.inputs, self.samples[k], float(self.r[k]))
+        x0 = self.samples if self.latents is None else self.latents  # (K, *S)
+        return [RlSample(self.prompt_id, self.task, self.instruction, self.inputs, x0[k], float(self.r[k]))
                 for k in np.flatnonzero(np.isfinite(self.r)).tolist()]

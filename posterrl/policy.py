@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -32,7 +33,7 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from posterrl.config import ModelConfig, RolloutConfig
 from posterrl.files import replace_dir, staging_dir
-from posterrl.flow import SamplerConfig
+from posterrl.flow import SamplerConfig, flow_sigmas
 
 SPEC_FILE = "posterrl_policy.json"
 
@@ -56,6 +57,11 @@ class PolicySpec:
     max_text_length: int
     max_inputs: int
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the default for sampling this policy
+    # Released pipelines (model.kind flux_kontext): the base checkpoint the export's weights apply to, the
+    # distilled guidance scale the policy samples at, and the LoRA the transformer trains (rank 0: in full).
+    pretrained_path: str | None = None
+    guidance: float | None = None
+    lora: dict[str, Any] | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -73,6 +79,75 @@ class PolicySpec:
             )
         raw = json.loads(spec_path.read_text())
         return cls(**{**raw, "sampler": SamplerConfig.from_dict(raw["sampler"])})
+
+
+class Policy(Protocol):
+    """What every stage asks of an edit policy, whichever model it is (posterrl.policies.POLICY_CLASSES).
+
+    A policy is an nn.Module whose `forward(x_t, t, *prepared)` is the training-time velocity. It works on
+    latents x of shape (B, *latent_shape): the canvases themselves for a pixel-space policy (`pixel_space`;
+    the tiny default), VAE latents for the released pipelines. Training targets enter through
+    `encode_images`, samples leave through `decode_latents`, and what a stage hands on or syncs is
+    `policy_state()`: every weight for a policy trained in full, the adapters only with LoRA.
+    """
+
+    spec: PolicySpec
+    pixel_space: bool
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]: ...
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, *prepared: torch.Tensor) -> torch.Tensor: ...
+
+    def prepare(self, instructions: list[str], inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Instructions and input canvases (B, N, 3, R, R) -> the conditioning arguments of `forward`."""
+        ...
+
+    def condition(self, *prepared: torch.Tensor) -> Any:
+        """The encoded condition `velocity` reads, computed once per sample for every sampling step."""
+        ...
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def time_grid(self, sampler: SamplerConfig) -> torch.Tensor:
+        """The sigmas (S + 1,) from 1 down to 0 this policy samples on with `sampler`'s settings."""
+        ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Canvases (B, 3, R, R) in [-1, 1] -> latents (B, *latent_shape); no gradients."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape) -> canvases (B, 3, R, R) in [-1, 1]."""
+        ...
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes, by state-dict key (what sync, checkpoints of theta_old and exports move)."""
+        ...
+
+    def load_policy_state(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load exactly the keys of `policy_state()`; any key missing or unexpected is an error."""
+        ...
+
+    def save_pretrained(self, directory: str | Path) -> Path: ...
+
+    # the nn.Module methods the stages call
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> Any: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def check_state_keys(state: dict[str, Any], expected: list[str], what: str) -> None:
+    """Raise naming what differs when `state` does not hold exactly the `expected` keys (a sync that would
+    silently bind nothing, or leave weights stale, fails here instead)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: {len(missing)} expected tensors missing {missing[:3]}, {len(unexpected)} "
+                         f"unexpected {unexpected[:3]} (a state from another model kind, LoRA rank or targets?)")
 
 
 @dataclass
@@ -108,7 +183,9 @@ def _image_ids(grid: int, index: int) -> torch.Tensor:
 
 
 class EditPolicy(nn.Module):
-    """v_theta(x_t, t, condition) for poster edits; `forward` is the training-time call."""
+    """v_theta(x_t, t, condition) for poster edits in pixel space; `forward` is the training-time call."""
+
+    pixel_space = True  # the latents are the canvases: a sample is its own training target
 
     # Buffers (register_buffer below), declared for the type checker: nn.Module types attributes as Tensor | Module.
     noisy_ids: torch.Tensor
@@ -224,6 +301,37 @@ class EditPolicy(nn.Module):
                 attention_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Training-time call: encode the condition and predict the velocity in one graph."""
         return self.velocity(x_t, t, self.encode_condition(input_ids, attention_mask, inputs))
+
+    # ------------------------------------------------------------------ the Policy interface
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        r = self.spec.resolution
+        return (3, r, r)
+
+    def prepare(self, instructions: list[str], inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(input_ids (B, L), attention_mask (B, L), inputs (B, N, 3, R, R)): the text encoder trains, so the
+        instruction is encoded inside `forward`, in the training graph."""
+        ids, mask = self.tokenize(instructions)
+        return ids, mask, inputs.to(ids.device)
+
+    def condition(self, *prepared: torch.Tensor) -> Condition:
+        return self.encode_condition(*prepared)
+
+    def time_grid(self, sampler: SamplerConfig) -> torch.Tensor:
+        return flow_sigmas(sampler.num_steps, sampler.shift)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1.0, 1.0)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())
+
+    def load_policy_state(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        self.load_state_dict(state, assign=assign)
 
     # ------------------------------------------------------------------ disk
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from posterrl.flow import SamplerConfig, flow_sigmas
-from posterrl.policy import Condition, EditPolicy
+from posterrl.flow import SamplerConfig
+from posterrl.policy import Policy
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -60,19 +61,21 @@ def group_noise(seeds: list[int], group_size: int, shape: tuple[int, ...]) -> to
 
 
 @torch.no_grad()
-def sample(policy: EditPolicy, cond: Condition, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
-    """Integrate from noise (B, 3, R, R) at t = 1 to images (B, 3, R, R) in [-1, 1] at t = 0."""
+def sample(policy: Policy, cond: Any, noise: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """Integrate from noise (B, *latent_shape) at t = 1 to latents (B, *latent_shape) at t = 0, on the policy's
+    own time grid (the scheduler's sigmas for a released pipeline)."""
     step = SOLVERS[config.solver]
-    sigmas = flow_sigmas(config.num_steps, config.shift).tolist()
+    sigmas = policy.time_grid(config).tolist()
     batch = noise.shape[0]
+    weight = next(policy.parameters())
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return policy.velocity(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device), cond)
 
-    x = noise.to(cond.text.device, cond.text.dtype)
+    x = noise.to(weight.device, weight.dtype)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = step(velocity, x, sigma, sigma_next)
-    return x.clamp(-1.0, 1.0)
+    return x
 
 
 @dataclass
@@ -80,26 +83,30 @@ class SampledGroups:
     """K samples for each of G prompts.
 
     images:  (G, K, 3, R, R) in [-1, 1], canvases as the policy sees them
+    latents: (G, K, *latent_shape) what the sampler produced, the NFT update's x0; None for a pixel-space policy
+             (the images are the latents)
     seeds:   (G,) the noise seed of each prompt group
     sigmas:  (S + 1,) the time grid used
     """
 
     images: torch.Tensor
+    latents: torch.Tensor | None
     seeds: list[int]
     sigmas: torch.Tensor
 
 
 @torch.no_grad()
-def sample_groups(policy: EditPolicy, instructions: list[str], inputs: torch.Tensor, seeds: list[int],
+def sample_groups(policy: Policy, instructions: list[str], inputs: torch.Tensor, seeds: list[int],
                   group_size: int, config: SamplerConfig) -> SampledGroups:
     """G prompts (instructions, input canvases (G, N, 3, R, R)) -> K samples each."""
-    input_ids, mask = policy.tokenize(instructions)
-    cond = policy.encode_condition(input_ids, mask, inputs.to(input_ids.device)).repeat_interleave(group_size)
-    r = policy.spec.resolution
-    noise = group_noise(seeds, group_size, (3, r, r))  # (G*K, 3, R, R)
-    images = sample(policy, cond, noise, config)
+    cond = policy.condition(*policy.prepare(instructions, inputs)).repeat_interleave(group_size)
+    noise = group_noise(seeds, group_size, policy.latent_shape)  # (G*K, *latent_shape)
+    latents = sample(policy, cond, noise, config)  # (G*K, *latent_shape)
+    images = policy.decode_latents(latents)  # (G*K, 3, R, R)
+    g = len(seeds)
     return SampledGroups(
-        images=images.reshape(len(seeds), group_size, 3, r, r).cpu(),
+        images=images.reshape(g, group_size, *images.shape[1:]).cpu(),
+        latents=None if policy.pixel_space else latents.reshape(g, group_size, *policy.latent_shape).cpu(),
         seeds=list(seeds),
-        sigmas=flow_sigmas(config.num_steps, config.shift),
+        sigmas=policy.time_grid(config),
     )

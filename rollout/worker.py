@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +20,9 @@ from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
 from posterrl.images import uncanvas
-from posterrl.policy import EditPolicy, quiet_model_libraries
-from posterrl.weight_sync import BroadcastGroup, trainable_tensors
+from posterrl.policies import build_policy, load_policy
+from posterrl.policy import quiet_model_libraries
+from posterrl.weight_sync import BroadcastGroup
 from rollout.sampler import prompt_seed, sample_groups
 
 UNLOADED = -1  # the policy_version of a worker whose weights have not arrived
@@ -31,7 +32,9 @@ UNLOADED = -1  # the policy_version of a worker whose weights have not arrived
 class RolloutGroup:
     """The K samples of one prompt.
 
-    samples:        (K, 3, R, R) canvases in [-1, 1] (the clean x0 the learner trains on)
+    samples:        (K, 3, R, R) canvases in [-1, 1]
+    latents:        (K, *latent_shape) the sampler's output, the clean x0 the learner trains on; None for a
+                    pixel-space policy, whose samples are its x0
     inputs:         (N, 3, R, R) the input canvases the samples were conditioned on, in [-1, 1]
     output_aspect:  (w, h) the outputs are cropped to
     policy_version: version of the weights that sampled them
@@ -45,6 +48,7 @@ class RolloutGroup:
     output_aspect: tuple[float, float]
     seed: int
     policy_version: int
+    latents: torch.Tensor | None = None
 
     def output_images(self, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """The K samples as images at the output aspect, optionally resized to size (w, h)."""
@@ -60,16 +64,16 @@ class RolloutWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         if checkpoint is not None:
-            self.policy = EditPolicy.from_pretrained(checkpoint)
+            self.policy = load_policy(checkpoint)
         else:
-            self.policy = EditPolicy.from_config(ModelConfig.model_validate(model))
+            self.policy = build_policy(ModelConfig.model_validate(model))
         self.policy.eval().requires_grad_(False)
         # -1: built from a config, no weights loaded yet (a version is never negative, so no chunk matches it)
         self.policy_version = 0 if checkpoint is not None else UNLOADED
         self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
         self._shared_weights: dict[str, np.ndarray] | None = None  # object-store arrays the policy uses in place
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> float:
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray], version: int) -> float:
         """New weights; returns seconds spent.
 
         Numpy arrays (what the object store hands out) are used in place, without a copy: they are
@@ -91,7 +95,7 @@ class RolloutWorker:
             self._shared_weights = None
         else:
             raise TypeError("load_weights: expected every value to be a numpy array, or every value a tensor")
-        self.policy.load_state_dict(weights, assign=True)
+        self.policy.load_policy_state(weights, assign=True)
         self.policy_version = version
         return time.perf_counter() - began
 
@@ -106,8 +110,8 @@ class RolloutWorker:
             raise RuntimeError("receive_weights before join_weight_broadcast: this worker is in no broadcast group")
         began = time.perf_counter()
         if self._shared_weights is not None:  # read-only object-store views: receive into writable copies
-            self.load_weights(self.policy.state_dict(), self.policy_version)
-        self.weight_group.broadcast(trainable_tensors(self.policy))
+            self.load_weights(self.policy.policy_state(), self.policy_version)
+        self.weight_group.broadcast(list(self.policy.policy_state().values()))
         self.policy_version = version
         return time.perf_counter() - began
 
@@ -134,5 +138,6 @@ class RolloutWorker:
                     output_aspect=batch.output_aspects[g],
                     seed=seeds[g],
                     policy_version=self.policy_version,
+                    latents=None if out.latents is None else out.latents[g],
                 )
         return [groups[r.id] for r in rows]

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from posterrl import policies
 from posterrl.config import Config
-from posterrl.policy import EditPolicy
 
 Stats = dict[str, float]
 
@@ -64,20 +64,26 @@ class StatelessTask:
         pass
 
 
-def build_policy(config: Config, state: dict[str, torch.Tensor] | None) -> EditPolicy:
-    """The edit policy from config, with `state` loaded when given."""
-    policy = EditPolicy.from_config(config.model, config.rollout)
-    if state is not None:
-        policy.load_state_dict(state)
+def build_policy(config: Config, state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """The edit policy of config.model (posterrl.policies), with `state` (its policy_state()) loaded when given."""
+    policy = policies.build_policy(config.model, config.rollout, state)
+    assert isinstance(policy, nn.Module)
     return policy
 
 
-def frozen_policy(config: Config, state: dict[str, torch.Tensor], device: torch.device,
-                  dtype: torch.dtype) -> EditPolicy:
-    """A policy that only runs forwards (teachers, theta_old, the reference): eval mode, no gradients."""
-    return build_policy(config, state).to(device, dtype).eval().requires_grad_(False)
+def frozen_state(state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A copy of a policy_state() kept beside the trained module (in its device and dtype), without gradients:
+    theta_old, the reference and the experts are such states, run through the trained module's own layers
+    (`velocity_with`), so the frozen base of a LoRA policy exists once and a full copy of the model never."""
+    return {k: v.detach().to(device, dtype).clone() for k, v in state.items()}
+
+
+def velocity_with(policy: nn.Module, state: dict[str, torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """The policy's forward with the tensors of `state` in place of its own (the others as they are), no graph."""
+    with torch.no_grad():
+        # tie_weights=False: a full state names both keys of a tied tensor (T5's embeddings) itself
+        return torch.func.functional_call(policy, state, args, tie_weights=False)
 
 
 def export_policy(policy: nn.Module, directory: str) -> None:
-    assert isinstance(policy, EditPolicy)
-    policy.save_pretrained(Path(directory))
+    policy.save_pretrained(Path(directory))  # type: ignore[operator]

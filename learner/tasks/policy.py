@@ -13,42 +13,40 @@ from torch import nn
 from learner.distributed import train_dtype
 from learner.flow import draw_flow_inputs
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
-from learner.tasks.base import StatelessTask, Stats, build_policy, export_policy, frozen_policy
+from learner.tasks.base import StatelessTask, Stats, build_policy, export_policy, frozen_state, velocity_with
 from posterrl.batch import collate
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.data.tasks import REGIME
-from posterrl.policy import EditPolicy
+from posterrl.policy import Policy
 
 
 @dataclass
 class FlowForward:
-    """The policy's velocity on one micro batch of B rows and what it was computed from."""
+    """The policy's velocity on one micro batch of B rows and what it was computed from (latents of shape
+    (B, *S): S = (3, R, R) for a pixel-space policy, the VAE's packed latents for a released one)."""
 
-    v: torch.Tensor  # (B, 3, R, R) predicted velocity
-    x0: torch.Tensor  # (B, 3, R, R) targets
-    eps: torch.Tensor  # (B, 3, R, R) noise
-    x_t: torch.Tensor  # (B, 3, R, R)
+    v: torch.Tensor  # (B, *S) predicted velocity
+    x0: torch.Tensor  # (B, *S) targets
+    eps: torch.Tensor  # (B, *S) noise
+    x_t: torch.Tensor  # (B, *S)
     t: torch.Tensor  # (B,)
-    ids: torch.Tensor  # (B, L) instruction tokens
-    mask: torch.Tensor  # (B, L)
-    inputs: torch.Tensor  # (B, N, 3, R, R) input canvases
+    prepared: tuple[torch.Tensor, ...]  # the conditioning arguments of the forward (policy.prepare)
     tasks: list[str]
 
 
 def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
                  generator: torch.Generator) -> FlowForward:
-    """Collate rows, draw (t, eps), run the policy through the engine."""
-    policy: EditPolicy = engine.module
+    """Collate rows, encode the targets, draw (t, eps), run the policy through the engine."""
+    policy: Policy = engine.module
     batch = collate(rows, resolution)
     assert batch.targets is not None, "training rows need targets"
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
-    x0 = batch.targets.to(device, dtype)  # (B, 3, R, R)
-    x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, 3, R, R), (B,), (B, 3, R, R)
-    ids, mask = policy.tokenize(batch.instructions)
-    inputs = batch.inputs.to(device, dtype)  # (B, N, 3, R, R)
-    v = engine(x_t, t, ids, mask, inputs)  # (B, 3, R, R)
-    return FlowForward(v, x0, eps, x_t, t, ids, mask, inputs, batch.tasks)
+    x0 = policy.encode_images(batch.targets.to(device, dtype))  # (B, *S)
+    x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
+    prepared = policy.prepare(batch.instructions, batch.inputs.to(device, dtype))
+    v = engine(x_t, t, *prepared)  # (B, *S)
+    return FlowForward(v, x0, eps, x_t, t, prepared, batch.tasks)
 
 
 class SftTask(StatelessTask):
@@ -75,9 +73,9 @@ class SftTask(StatelessTask):
 class DistillTask(SftTask):
     """Task distillation (PosterOmni): flow matching plus lambda_E ||v_student - v_expert||^2.
 
-    The frozen experts, one per regime, live on every rank beside the student (teacher forwards only,
-    no optimizer state), so each rank computes expert velocities for its own shard with no extra
-    communication; at real-model scale they would be ZeRO-3 partitioned or served by separate actors.
+    The frozen experts, one per regime, live on every rank beside the student as their policy states (teacher
+    forwards through the student's own layers, `velocity_with`; no optimizer state), so each rank computes
+    expert velocities for its own shard with no extra communication. With LoRA an expert is its adapters.
     """
 
     def __init__(self, config: Config, device: torch.device, seed: int,
@@ -85,15 +83,14 @@ class DistillTask(SftTask):
                  init_state: dict[str, torch.Tensor] | None = None):
         super().__init__(config, device, seed, init_state)
         self.lr, self.batch_size = config.distill.lr, config.distill.batch_size
-        self.experts = {regime: frozen_policy(config, state, device, train_dtype(config))
+        self.experts = {regime: frozen_state(state, device, train_dtype(config))
                         for regime, state in expert_states.items()}
 
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
         f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
-        with torch.no_grad():
-            is_global = torch.tensor([REGIME[task] == "global" for task in f.tasks], device=self.device)  # (B,)
-            v_local = self.experts["local"](f.x_t, f.t, f.ids, f.mask, f.inputs)  # (B, 3, R, R)
-            v_global = self.experts["global"](f.x_t, f.t, f.ids, f.mask, f.inputs)  # (B, 3, R, R)
-        v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (B, 3, R, R)
+        is_global = torch.tensor([REGIME[task] == "global" for task in f.tasks], device=self.device)  # (B,)
+        v_local = velocity_with(engine.module, self.experts["local"], f.x_t, f.t, *f.prepared)  # (B, *S)
+        v_global = velocity_with(engine.module, self.experts["global"], f.x_t, f.t, *f.prepared)  # (B, *S)
+        v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (B, *S)
         return distillation_loss(f.v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert)

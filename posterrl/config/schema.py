@@ -61,6 +61,19 @@ class TextEncoderConfig(_Section):
     max_length: int = Field(96, ge=8)  # bytes of instruction kept
 
 
+def _default_lora_targets() -> list[str]:
+    # The attention projections of both streams of every FLUX / Qwen-Image block (diffusers' module names).
+    return ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class LoraSettings(_Section):
+    """LoRA on a released pipeline's transformer (peft). rank 0 trains the transformer in full."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float | None = Field(None, gt=0)  # None: alpha = rank (scale 1)
+    target_modules: list[str] = Field(default_factory=_default_lora_targets, min_length=1)
+
+
 class ModelConfig(_Section):
     kind: ModelKind = "tiny_flux"
     pretrained_path: str | None = None  # local directory for real models; nothing is downloaded
@@ -72,7 +85,14 @@ class ModelConfig(_Section):
     max_inputs: int = Field(3, ge=1)  # reference images per sample
     seed: int = 0  # initialisation of a policy built from config
     transformer: TransformerConfig = Field(default_factory=TransformerConfig)
+    # tiny_flux: the policy's own text encoder; flux_kontext reads text_encoder.max_length only (T5 tokens kept,
+    # the pipeline's max_sequence_length) and keeps the checkpoint's encoders, frozen.
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    # Released pipelines only (flux_kontext): the adapters trained, the distilled guidance scale the policy
+    # samples and trains at (FLUX.1 Kontext [dev] examples use 2.5), and gradient checkpointing of the transformer.
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    guidance: float = Field(2.5, gt=0)
+    gradient_checkpointing: bool = False
 
 
 class RolloutConfig(_Section):

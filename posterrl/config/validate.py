@@ -7,6 +7,7 @@ does not import the schema at run time (the schema imports it).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
     from posterrl.config.schema import Config
 
 # Policies this version builds (posterrl/policy.py); the other model kinds validate but do not run.
-IMPLEMENTED_POLICY_KINDS = ("tiny_flux",)
+IMPLEMENTED_POLICY_KINDS = ("tiny_flux", "flux_kontext")
+# Pixels per latent token side of the released pipelines (an 8x VAE, 2 x 2 packed latents).
+PIPELINE_TOKEN_PX = 16
 
 
 def _per_step(cfg: Config) -> int:
@@ -55,6 +58,12 @@ def model_problems(cfg: Config) -> list[str]:
         )
     if m.kind != "tiny_flux" and not m.pretrained_path:
         problems.append(f"model.kind={m.kind!r} needs model.pretrained_path (a local directory; nothing is downloaded)")
+    if m.kind == "tiny_flux" and m.lora.rank:
+        problems.append(f"model.lora.rank={m.lora.rank}: LoRA applies to the released pipelines (model.kind "
+                        "flux_kontext, qwen_image_edit); tiny_flux trains in full, set model.lora.rank=0")
+    if m.kind != "tiny_flux" and m.resolution % PIPELINE_TOKEN_PX:
+        problems.append(f"model.resolution={m.resolution} must be a multiple of {PIPELINE_TOKEN_PX} for "
+                        f"model.kind={m.kind!r} (an 8x VAE and 2 x 2 packed latents)")
     return problems
 
 
@@ -252,15 +261,40 @@ def runnable_problems(cfg: Config) -> list[str]:
         problems.append(f"reward_model.preference_manifest={rm.preference_manifest!r}: no such file")
     if rm.backbone == "vlm" and rm.vlm_path and not Path(rm.vlm_path).is_dir():
         problems.append(f"reward_model.vlm_path={rm.vlm_path!r}: no such directory")
-    if cfg.model.pretrained_path and not Path(cfg.model.pretrained_path).is_dir():
-        problems.append(f"model.pretrained_path={cfg.model.pretrained_path!r}: no such directory")
+    path = cfg.model.pretrained_path
+    if path and not Path(path).is_dir():
+        hint = (f" (a tiny one for trying things out: posterrl model make-tiny --kind {cfg.model.kind} --out {path})"
+                if cfg.model.kind in PIPELINE_CLASS else "")
+        problems.append(f"model.pretrained_path={path!r}: no such directory{hint}")
+    elif path and cfg.model.kind in PIPELINE_CLASS:
+        problems += pipeline_folder_problems(Path(path), PIPELINE_CLASS[cfg.model.kind])
     return problems
+
+
+# The diffusers pipeline class each released model kind's folder must hold (its model_index.json names it).
+PIPELINE_CLASS = {"flux_kontext": "FluxKontextPipeline", "qwen_image_edit": "QwenImageEditPipeline"}
+
+
+def pipeline_folder_problems(folder: Path, class_name: str) -> list[str]:
+    """A model.pretrained_path that is not a diffusers folder of the expected pipeline, said before anything starts."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return [f"model.pretrained_path={str(folder)!r}: no model_index.json (expected a diffusers {class_name} "
+                "folder, e.g. one written by `posterrl model make-tiny` or a downloaded checkpoint)"]
+    try:
+        found = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as error:
+        return [f"{index}: not a JSON object ({error})"]
+    if found != class_name:
+        return [f"{index}: _class_name is {found!r}, expected {class_name!r} for this model.kind"]
+    return []
 
 
 def derived_sizes(cfg: Config) -> dict[str, Any]:
     """Sizes that follow from several keys, printed at the start of a run."""
     m, per_step = cfg.model, _per_step(cfg)
-    tokens_per_image = (m.resolution // m.patch_size) ** 2
+    token_px = m.patch_size if m.kind == "tiny_flux" else PIPELINE_TOKEN_PX  # model.patch_size is the tiny policy's
+    tokens_per_image = (m.resolution // token_px) ** 2
     n_tasks = len(cfg.data.tasks)
     rl_samples = cfg.rl.prompts_per_epoch * cfg.rollout.group_size
     return {

@@ -58,7 +58,7 @@ def test_sft_step_accumulates_and_exports(learner, rows, tmp_path):
     learner.export(str(tmp_path / "export"))
     reloaded = EditPolicy.from_pretrained(tmp_path / "export")
     for key, value in reloaded.state_dict().items():
-        assert torch.equal(value, learner.state_dict()[key])
+        assert torch.equal(value, learner.policy_state()[key])
 
 
 def test_a_method_of_another_task_names_the_running_one(learner):

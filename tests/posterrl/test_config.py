@@ -42,7 +42,21 @@ def test_tiny_default_is_runnable_here():
 
 def test_gpu_presets_say_what_is_missing():
     problems = load_config("configs/flux_kontext.yaml").runnable_problems()
-    assert any("model.kind='flux_kontext' is not available" in p for p in problems)
+    assert not any("is not available" in p for p in problems)  # flux_kontext is built: only its path is missing
+    assert any("model.pretrained_path='/models/FLUX.1-Kontext-dev': no such directory" in p
+               and "posterrl model make-tiny --kind flux_kontext" in p for p in problems)
+    problems = load_config("configs/qwen_image_edit.yaml").runnable_problems()
+    assert any("model.kind='qwen_image_edit' is not available" in p for p in problems)
+
+
+def test_a_pretrained_path_of_another_pipeline_is_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    config = load_config("configs/flux_kontext_tiny.yaml", [f"model.pretrained_path={folder}"])
+    assert any("no model_index.json" in p for p in config.runnable_problems())
+    (folder / "model_index.json").write_text('{"_class_name": "QwenImageEditPipeline"}')
+    assert any("_class_name is 'QwenImageEditPipeline', expected 'FluxKontextPipeline'" in p
+               for p in config.runnable_problems())
 
 
 def _write(tmp_path, text):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from posterrl.flow import SamplerConfig
-from rollout.sampler import SOLVERS, euler_step, flow_sigmas, group_noise, heun_step, prompt_seed, sample_groups
+from posterrl.flow import SamplerConfig, flow_sigmas
+from rollout.sampler import SOLVERS, euler_step, group_noise, heun_step, prompt_seed, sample_groups
 
 
 def test_sigmas_follow_the_scheduler():
