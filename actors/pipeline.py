@@ -62,7 +62,7 @@ def run_pipeline(config: Config, run_dir: str | Path, address: str | None = None
     """Run config.stages in order. allow_existing: add stages to a run directory that holds earlier ones.
     resume: continue the run in run_dir, with the config it saved unless force_config (checked before Ray)."""
     console = console or Console()
-    problems = config.runnable_problems()
+    problems = config.runnable_problems(address)
     if problems:
         raise ConfigError("cannot run this config:\n  " + "\n  ".join(problems))
     run = RunDir(run_dir)

@@ -26,7 +26,8 @@ from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
 from posterrl.models.samples import EditSample
-from rollout.worker import RolloutGroup, RolloutWorker
+from posterrl.weight_sync import Fingerprint, fingerprint, fingerprint_mismatch
+from rollout.worker import RolloutGroup, RolloutWorker, WeightLoad
 
 
 def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
@@ -121,7 +122,8 @@ class RolloutActorGroup:
         # No task retries by Ray: the driver dispatches a lost chunk again itself, with its weights, and counts it.
         self.actors = [
             remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0).remote(
-                model=config.model.model_dump(mode="json"), num_threads=threads_for(rc.cpus_per_actor))
+                model=config.model.model_dump(mode="json"), num_threads=threads_for(rc.cpus_per_actor),
+                device="cuda" if rc.gpus_per_actor > 0 else "cpu")
             for _ in range(rc.num_actors)
         ]
         self.sampler = SamplerConfig.from_rollout(rc)
@@ -135,7 +137,7 @@ class RolloutActorGroup:
                 version: int) -> list[ray.ObjectRef]:
         """Hand new weights to every actor: one object in the object store that every actor reads.
 
-        Returns the actors' acknowledgements (seconds each spent loading). Each actor loads after the
+        Returns the actors' acknowledgements (a WeightLoad each). Each actor loads after the
         tasks already queued on it, so rollouts submitted before the publish keep their old version.
         """
         weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
@@ -149,18 +151,19 @@ class RolloutActorGroup:
     def live(self) -> list[int]:
         return [i for i in range(len(self.actors)) if i not in self.dead]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor] | ray.ObjectRef, version: int,
-                     faults: FaultLog) -> None:
-        """Publish and wait until every actor holds the weights. An actor that dies meanwhile is counted and
-        loads them with its next chunk (chunks carry the weights), so it does not stop the run."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, faults: FaultLog) -> None:
+        """Publish and wait until every actor holds the weights, verified against their fingerprint. An actor
+        that dies meanwhile is counted and loads them with its next chunk (chunks carry the weights), so it
+        does not stop the run."""
         actors = self.live()
-        self.await_loads(actors, self.publish(state_dict, version), faults)
+        self.await_loads(actors, self.publish(state_dict, version), faults, expected=fingerprint(state_dict))
 
     def await_loads(self, actors: list[int], acks: list[ray.ObjectRef], faults: FaultLog,
-                    restorable: bool = True) -> list[float]:
-        """The seconds each actor spent loading weights (acks[i] from actors[i]), of those that answered.
+                    restorable: bool = True, expected: Fingerprint | None = None) -> list[WeightLoad]:
+        """What each actor reports after loading weights (acks[i] from actors[i]), of those that answered.
         restorable (the weights are in the object store): an actor that died meanwhile is counted and loads
-        them with its next chunk; otherwise its death stops the run."""
+        them with its next chunk; otherwise its death stops the run. With `expected` (the sender's fingerprint),
+        an actor that holds other tensors than were sent stops the run, naming them."""
         _, pending = ray.wait(acks, num_returns=len(acks), timeout=self.timeout_s)
         if pending:
             raise no_answer([f"rollout actor {a} (load weights)" for a, r in zip(actors, acks, strict=True)
@@ -168,11 +171,18 @@ class RolloutActorGroup:
         loads = []
         for actor, ack in zip(actors, acks, strict=True):
             try:
-                loads.append(ray.get(ack, timeout=0))
+                load: WeightLoad = ray.get(ack, timeout=0)
             except RayActorError as exc:
                 if not restorable:
                     raise ActorLost(f"rollout actor {actor} (load weights)", exc) from exc
                 faults.record("weight_loads_lost", f"rollout actor {actor}")
+                continue
+            problem = None if expected is None else fingerprint_mismatch(expected, load.fingerprint)
+            if problem is not None:
+                raise RunAborted(f"weight sync of version {load.version}: rollout actor {actor} holds other weights "
+                                 f"than learner rank 0 sent ({problem}); stopping rather than sampling from weights "
+                                 "nobody trained")
+            loads.append(load)
         return loads
 
     def _chunks(self, rows: Sequence[ManifestRow], chunk: int) -> list[list[ManifestRow]]:

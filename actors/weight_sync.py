@@ -25,18 +25,23 @@ class Publication:
     """Weights on their way to the actors."""
 
     rollouts: RolloutActorGroup
-    acks: list[ray.ObjectRef]  # one per live actor: the seconds it spent loading
+    acks: list[ray.ObjectRef]  # one per live actor: its WeightLoad
     actors: list[int]  # the actors the acks come from
     handover_s: float  # the source's part: producing the object (object_store); 0 for broadcast
     faults: FaultLog
     restorable: bool  # object_store: an actor that died while loading loads the weights with its next chunk
+    expected: ray.ObjectRef | None = None  # learner rank 0's fingerprint of what it sent
     others: list[ray.ObjectRef] = field(default_factory=list)  # the broadcast's sending side
 
     def wait(self) -> float:
-        """Block until every actor holds the weights; the sync time is the handover plus the slowest load."""
-        loads = self.rollouts.await_loads(self.actors, self.acks, self.faults, self.restorable)
+        """Block until every actor holds the weights and each has shown, by its fingerprint, that it holds the
+        tensors rank 0 sent (a mismatch stops the run); the sync time is the handover plus the slowest load."""
+        expected = None
+        if self.expected is not None:
+            expected = wait_all([self.expected], self.rollouts.timeout_s, ["learner rank 0 (sampling fingerprint)"])[0]
+        loads = self.rollouts.await_loads(self.actors, self.acks, self.faults, self.restorable, expected)
         wait_all(self.others, self.rollouts.timeout_s, ["learner rank 0 (broadcast weights)"] * len(self.others))
-        return self.handover_s + max(loads, default=0.0)
+        return self.handover_s + max((load.seconds for load in loads), default=0.0)
 
 
 class WeightSync:
@@ -68,8 +73,10 @@ class WeightSync:
             wait_all([weights], self.timeout_s, ["learner rank 0 (sampling weights)"])
             actors = self.rollouts.live()
             acks = self.rollouts.publish(weights, version)
-            return Publication(self.rollouts, acks, actors, time.perf_counter() - began, self.faults, restorable=True)
+            return Publication(self.rollouts, acks, actors, time.perf_counter() - began, self.faults, restorable=True,
+                               expected=source.sampling_fingerprint.remote())
         acks = [a.receive_weights.remote(version) for a in self.rollouts.actors]
         self.rollouts.set_version(version)
         return Publication(self.rollouts, acks, list(range(len(acks))), 0.0, self.faults, restorable=False,
+                           expected=source.sampling_fingerprint.remote(),
                            others=[source.broadcast_sampling_weights.remote()])

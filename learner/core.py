@@ -29,7 +29,7 @@ from posterrl.config import Config
 from posterrl.files import write_atomic
 from posterrl.models.samples import PreferencePair
 from posterrl.policy import quiet_model_libraries
-from posterrl.weight_sync import open_store
+from posterrl.weight_sync import Fingerprint, fingerprint, open_store
 
 TASK_TENSORS_FILE = "task_state.safetensors"  # a task's own tensors (theta_old in the rl stage), rank 0
 RNG_FILE = "rng_rank{rank}.safetensors"  # each rank's torch/numpy/python RNG states (learner/safe_load.py)
@@ -161,6 +161,10 @@ class Learner:
     def broadcast_sampling_weights(self) -> int:
         return self._require(NftTask).broadcast_sampling_weights()
 
+    def sampling_fingerprint(self) -> Fingerprint:
+        """theta_old's fingerprint: what every rollout actor must hold after a sync (posterrl/weight_sync.py)."""
+        return fingerprint(self._require(NftTask).sampling_state)
+
     def sampling_checksum(self) -> float:
         """Sum of theta_old's parameters (tests follow the soft update with it)."""
         return self._require(NftTask).sampling_checksum()
@@ -194,7 +198,9 @@ class Learner:
         task_state = task.state()
         state = {**client_state, "step": self.step, "task": self.task_name, "seed": self.seed,
                  "task_state": task_state.info}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        # A frozen base (LoRA) is rebuilt from its checkpoint on resume: only the trained tensors are saved.
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False,
+                                    exclude_frozen_parameters=self._has_frozen_parameters())
         save_rng_state(root / tag / RNG_FILE.format(rank=self.rank))
         if task_state.tensors and self.rank == 0:  # the same on every rank
             save_file(task_state.tensors, str(root / tag / TASK_TENSORS_FILE))
@@ -212,13 +218,17 @@ class Learner:
         task = self._running()
         root = Path(directory)
         tag = usable_checkpoint(root, report=lambda message: print(f"learner rank {self.rank}: {message}", flush=True))
-        _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
+        _, client_state = self.engine.load_checkpoint(str(root), tag=tag,
+                                                      load_module_strict=not self._has_frozen_parameters())
         load_rng_state(root / tag / RNG_FILE.format(rank=self.rank))
         self.step, self.seed = client_state["step"], client_state["seed"]
         tensors_file = root / tag / TASK_TENSORS_FILE
         tensors = load_file(str(tensors_file)) if tensors_file.is_file() else {}
         task.load_state(TaskState(client_state["task_state"], tensors))
         return client_state
+
+    def _has_frozen_parameters(self) -> bool:
+        return any(not p.requires_grad for p in self.module.parameters())
 
     def export(self, directory: str) -> str:
         """What the stage hands on, written by rank 0: the trained policy in diffusers layout (in the rl

@@ -22,10 +22,20 @@ from posterrl.flow import SamplerConfig
 from posterrl.images import uncanvas
 from posterrl.policies import build_policy, load_policy
 from posterrl.policy import quiet_model_libraries
-from posterrl.weight_sync import BroadcastGroup
+from posterrl.weight_sync import BroadcastGroup, Fingerprint, fingerprint
 from rollout.sampler import prompt_seed, sample_groups
 
 UNLOADED = -1  # the policy_version of a worker whose weights have not arrived
+
+
+@dataclass
+class WeightLoad:
+    """What a worker reports after taking new weights: how long it took and what it holds now, which the driver
+    checks against the sender's fingerprint (posterrl/weight_sync.py)."""
+
+    seconds: float
+    version: int
+    fingerprint: Fingerprint
 
 
 @dataclass
@@ -56,8 +66,10 @@ class RolloutGroup:
 
 
 class RolloutWorker:
-    def __init__(self, model: dict | None = None, checkpoint: str | None = None, num_threads: int | None = None):
-        """Build the policy from a model config (weights arrive with `load_weights`) or load an exported one."""
+    def __init__(self, model: dict | None = None, checkpoint: str | None = None, num_threads: int | None = None,
+                 device: str = "cpu"):
+        """Build the policy from a model config (weights arrive with `load_weights`) or load an exported one, on
+        `device` ("cuda" in an actor Ray gave a GPU: CUDA_VISIBLE_DEVICES names it as device 0)."""
         quiet_model_libraries()
         if (model is None) == (checkpoint is None):
             raise ValueError("RolloutWorker needs exactly one of model (a config dict) or checkpoint (a directory)")
@@ -67,14 +79,15 @@ class RolloutWorker:
             self.policy = load_policy(checkpoint)
         else:
             self.policy = build_policy(ModelConfig.model_validate(model))
-        self.policy.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.policy.to(self.device).eval().requires_grad_(False)
         # -1: built from a config, no weights loaded yet (a version is never negative, so no chunk matches it)
         self.policy_version = 0 if checkpoint is not None else UNLOADED
         self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
         self._shared_weights: dict[str, np.ndarray] | None = None  # object-store arrays the policy uses in place
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray], version: int) -> float:
-        """New weights; returns seconds spent.
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray], version: int) -> WeightLoad:
+        """New weights; returns the seconds spent and the fingerprint of what the policy holds now.
 
         Numpy arrays (what the object store hands out) are used in place, without a copy: they are
         read-only views of the shared object, and sampling only reads weights, so M actors on a node
@@ -85,27 +98,31 @@ class RolloutWorker:
         began = time.perf_counter()
         arrays = {k: v for k, v in state_dict.items() if isinstance(v, np.ndarray)}
         tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-        if len(arrays) == len(state_dict):
+        if len(arrays) == len(state_dict) and self.device.type == "cpu":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
             self._shared_weights = arrays
+        elif len(arrays) == len(state_dict):  # onto the GPU: a copy either way
+            weights = {k: torch.from_numpy(v.copy()).to(self.device) for k, v in arrays.items()}
+            self._shared_weights = None
         elif len(tensors) == len(state_dict):
-            weights = {k: v.detach().clone() for k, v in tensors.items()}
+            weights = {k: v.detach().to(self.device, copy=True) for k, v in tensors.items()}
             self._shared_weights = None
         else:
             raise TypeError("load_weights: expected every value to be a numpy array, or every value a tensor")
         self.policy.load_policy_state(weights, assign=True)
         self.policy_version = version
-        return time.perf_counter() - began
+        return self._report(began)
 
     def join_weight_broadcast(self, master_addr: str, master_port: int, rank: int, world_size: int,
                               backend: str) -> None:
         """Join the learner's weight broadcast group as receiver `rank` (1..M)."""
         self.weight_group = BroadcastGroup(master_addr, master_port, rank, world_size, backend)
 
-    def receive_weights(self, version: int) -> float:
-        """Take the weights learner rank 0 broadcasts now (every member calls at once); returns seconds spent."""
+    def receive_weights(self, version: int) -> WeightLoad:
+        """Take the weights learner rank 0 broadcasts now (every member calls at once); returns what load_weights
+        returns."""
         if self.weight_group is None:
             raise RuntimeError("receive_weights before join_weight_broadcast: this worker is in no broadcast group")
         began = time.perf_counter()
@@ -113,7 +130,11 @@ class RolloutWorker:
             self.load_weights(self.policy.policy_state(), self.policy_version)
         self.weight_group.broadcast(list(self.policy.policy_state().values()))
         self.policy_version = version
-        return time.perf_counter() - began
+        return self._report(began)
+
+    def _report(self, began: float) -> WeightLoad:
+        # the fingerprint is read back from the policy's own tensors, not from what arrived: it shows what bound
+        return WeightLoad(time.perf_counter() - began, self.policy_version, fingerprint(self.policy.policy_state()))
 
     def sample(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
                max_batch: int = 16) -> list[RolloutGroup]:

@@ -290,9 +290,10 @@ class Config(_Section):
     def cpus_requested(self) -> float:
         return validate.cpus_requested(self)
 
-    def runnable_problems(self) -> list[str]:
-        """What stops this version from running the config (checked before any actor starts)."""
-        return validate.runnable_problems(self)
+    def runnable_problems(self, address: str | None = None) -> list[str]:
+        """What stops this version from running the config (checked before any actor starts); `address`: the
+        cluster --address joins, if any (else cluster.address)."""
+        return validate.runnable_problems(self, address)
 
     def derived_sizes(self) -> dict[str, Any]:
         """Sizes that follow from several keys, printed at the start of a run."""

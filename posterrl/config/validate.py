@@ -242,7 +242,7 @@ def cpus_requested(cfg: Config) -> float:
             + cfg.reward.cpus)
 
 
-def runnable_problems(cfg: Config) -> list[str]:
+def runnable_problems(cfg: Config, address: str | None = None) -> list[str]:
     """What stops this version from running a valid config: model kinds not built yet, paths that do not exist."""
     problems = []
     if cfg.model.kind not in IMPLEMENTED_POLICY_KINDS:
@@ -261,6 +261,12 @@ def runnable_problems(cfg: Config) -> list[str]:
         problems.append(f"reward_model.preference_manifest={rm.preference_manifest!r}: no such file")
     if rm.backbone == "vlm" and rm.vlm_path and not Path(rm.vlm_path).is_dir():
         problems.append(f"reward_model.vlm_path={rm.vlm_path!r}: no such directory")
+    gpus = (cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.learner.num_ranks * cfg.learner.gpus_per_rank
+            + cfg.reward.gpus)
+    if gpus and (address or cfg.cluster.address) is None and local_gpu_count() < gpus:
+        problems.append(f"the actors ask for {gpus:g} GPUs (rollout.num_actors x rollout.gpus_per_actor + "
+                        f"learner.num_ranks x learner.gpus_per_rank + reward.gpus) and this machine has "
+                        f"{local_gpu_count()}: join a GPU cluster (cluster.address / --address) or lower them")
     path = cfg.model.pretrained_path
     if path and not Path(path).is_dir():
         hint = (f" (a tiny one for trying things out: posterrl model make-tiny --kind {cfg.model.kind} --out {path})"
@@ -269,6 +275,12 @@ def runnable_problems(cfg: Config) -> list[str]:
     elif path and cfg.model.kind in PIPELINE_CLASS:
         problems += pipeline_folder_problems(Path(path), PIPELINE_CLASS[cfg.model.kind])
     return problems
+
+
+def local_gpu_count() -> int:
+    import torch  # here, not at the top: the config modules load without torch for `posterrl config`
+
+    return torch.cuda.device_count()
 
 
 # The diffusers pipeline class each released model kind's folder must hold (its model_index.json names it).

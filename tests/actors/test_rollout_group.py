@@ -3,7 +3,7 @@ import ray
 import torch
 
 from actors.cluster import rendezvous_host
-from actors.faults import FaultLog
+from actors.faults import FaultLog, RunAborted
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 from actors.weight_sync import WeightSync
@@ -66,3 +66,41 @@ def test_broadcast_sync_meets_on_loopback_and_reaches_every_actor(ray_cluster, t
         rollouts.shutdown()
     expected = sum(float(p.double().sum()) for p in trained.parameters())
     assert sums == pytest.approx([expected, expected], rel=1e-9)
+
+
+def test_a_corrupted_sync_stops_the_run(ray_cluster, tiny_config):
+    """Each actor reports the fingerprint of what its policy holds after a sync; the driver compares it with learner
+    rank 0's. An actor whose load bound zeros into one tensor (as a sync that silently missed a module would) stops
+    the run with a message naming the actor, the version and the tensor, on both sync paths."""
+    config = tiny_config.model_copy(deep=True)
+    config.learner.num_ranks, config.learner.cpus_per_rank = 1, 0.1
+    config.rollout.num_actors, config.rollout.cpus_per_actor = 2, 0.1
+    trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
+    first_key = next(iter(trained.state_dict()))
+
+    def corrupt_next_load(worker):  # runs inside the actor (shipped by value): one load binds zeros into a tensor
+        report = worker._report
+
+        def corrupted(began):
+            worker._report = report
+            state = worker.policy.policy_state()
+            key = next(iter(state))
+            worker.policy.load_policy_state({**state, key: torch.zeros_like(state[key])}, assign=True)
+            return report(began)
+
+        worker._report = corrupted
+
+    learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
+    try:
+        learners.start("nft", 0, init_state=trained.state_dict())
+        for version, method in ((1, "object_store"), (3, "broadcast")):
+            sync = WeightSync(learners, rollouts, method, FaultLog())
+            sync.publish(version).wait()  # a clean sync passes its check
+            ray.get(rollouts.actors[1].__ray_call__.remote(corrupt_next_load), timeout=60)
+            with pytest.raises(RunAborted, match=rf"weight sync of version {version + 1}: rollout actor 1 holds other "
+                                                 rf"weights than learner rank 0 sent \(1 of \d+ tensors differ: "
+                                                 rf"{first_key}: sum 0 "):
+                sync.publish(version + 1).wait()
+    finally:
+        learners.shutdown()
+        rollouts.shutdown()

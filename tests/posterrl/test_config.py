@@ -49,6 +49,19 @@ def test_gpu_presets_say_what_is_missing():
     assert any("model.kind='qwen_image_edit' is not available" in p for p in problems)
 
 
+def test_gpus_a_local_cluster_lacks_are_said_before_anything_starts():
+    import torch
+
+    config = load_config("configs/tiny.yaml", ["rollout.gpus_per_actor=1"])
+    problems = config.runnable_problems()
+    if torch.cuda.device_count() >= 2:
+        assert not any("GPUs" in p for p in problems)
+    else:
+        assert any(p.startswith("the actors ask for 2 GPUs") and f"this machine has {torch.cuda.device_count()}" in p
+                   for p in problems)
+    assert not any("GPUs" in p for p in config.runnable_problems(address="10.0.0.1:6379"))  # a cluster decides
+
+
 def test_a_pretrained_path_of_another_pipeline_is_refused(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -4,7 +4,7 @@ import multiprocessing as mp
 
 import torch
 
-from posterrl.weight_sync import BroadcastGroup, open_store, trainable_tensors
+from posterrl.weight_sync import BroadcastGroup, fingerprint, fingerprint_mismatch, open_store, trainable_tensors
 
 
 def _member(rank: int, world: int, ports, queue) -> None:
@@ -44,3 +44,18 @@ def test_rank0_weights_reach_every_receiver():
     for rank in (1, 2):
         _, received = results[rank]
         assert received == sender  # bf16 values are exact in fp32; the zeroed tensors came back too
+
+
+def test_fingerprints_tell_a_stale_zeroed_or_renamed_tensor_from_round_off():
+    generator = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(4, 3, generator=generator), "b.bias": torch.randn(3, generator=generator)}
+    sent = fingerprint(state)
+    assert fingerprint({k: v.numpy() for k, v in state.items()}) == sent  # object-store arrays read the same
+    assert fingerprint_mismatch(sent, fingerprint({k: v * (1 + 1e-9) for k, v in state.items()})) is None
+    zeroed = fingerprint_mismatch(sent, fingerprint({**state, "b.bias": torch.zeros(3)}))
+    assert zeroed is not None and zeroed.startswith("1 of 2 tensors differ: b.bias: sum 0 (expected ")
+    # a permutation keeps the sum and the magnitude; the position-weighted sum tells it
+    flipped = fingerprint_mismatch(sent, fingerprint({**state, "a.weight": state["a.weight"].flip(0)}))
+    assert flipped is not None and flipped.startswith("1 of 2 tensors differ: a.weight")
+    renamed = fingerprint_mismatch(sent, fingerprint({"a.weight": state["a.weight"], "c.bias": state["b.bias"]}))
+    assert renamed == "1 tensors missing ['b.bias'], 1 unexpected ['c.bias']"
