@@ -23,7 +23,7 @@ class LearnerGroup:
         lc = config.learner
         self.gpus_per_rank = lc.gpus_per_rank
         self.timeout_s = config.cluster.call_timeout_s
-        bundle = {"CPU": lc.cpus_per_rank, **({"GPU": lc.gpus_per_rank} if lc.gpus_per_rank else {})}
+        bundle = {"CPU": lc.cpus_per_rank, **({"GPU": lc.gpus_per_rank} if lc.gpus_per_rank else {}), **lc.resources}
         self.placement = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ready, _ = ray.wait([self.placement.ready()], timeout=self.timeout_s)
         if not ready:

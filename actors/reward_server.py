@@ -167,7 +167,8 @@ def start_reward_server(config: Config, run: RunDir) -> ray.actor.ActorHandle:
     rc = config.reward
     actor = ray.remote(RewardServer).options(
         name=server_name(run.root), namespace=NAMESPACE, get_if_exists=True,
-        num_cpus=rc.cpus, num_gpus=rc.gpus, max_restarts=-1, max_task_retries=3, max_concurrency=1000,
+        num_cpus=rc.cpus, num_gpus=rc.gpus, resources=rc.resources or None, max_restarts=-1, max_task_retries=3,
+        max_concurrency=1000,
     ).remote(config.to_dict(), str(run.root))
     try:  # waits until the registry has loaded and probed its scorers
         ray.get(actor.describe.remote(), timeout=config.cluster.call_timeout_s)

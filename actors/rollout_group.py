@@ -118,7 +118,8 @@ class RolloutActorGroup:
         rc = config.rollout
         self.timeout_s = config.cluster.call_timeout_s
         self.max_attempts = rc.max_chunk_attempts
-        remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)(RolloutActor)
+        remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor,
+                                   resources=rc.resources or None)(RolloutActor)
         # No task retries by Ray: the driver dispatches a lost chunk again itself, with its weights, and counts it.
         self.actors = [
             remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0).remote(

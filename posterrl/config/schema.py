@@ -112,6 +112,9 @@ class RolloutConfig(_Section):
     # sampled again, with the same rows, seed and weights, up to max_chunk_attempts times each.
     max_restarts: int = Field(-1, ge=-1)
     max_chunk_attempts: int = Field(8, ge=1)
+    # Custom Ray resources each actor asks for besides CPUs and GPUs: pins the role to the nodes that offer them
+    # (`ray start --resources='{"rollout": 8}'`, docs/scaling.md). The same key in learner and reward.
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 class ScorerConfig(_Section):
@@ -139,6 +142,7 @@ class RewardConfig(_Section):
     max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits to fill up
     request_timeout_s: float = Field(120.0, gt=0)  # a scorer slower than this is counted as failed for the batch
     max_abs_score: float = Field(1000.0, gt=0)  # a score with |score| above this is dropped as out of range
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (see rollout.resources)
     probe_size: int = Field(4, ge=1)  # samples a new scorer must score before it goes live
 
 
@@ -233,6 +237,7 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    resources: dict[str, float] = Field(default_factory=dict)  # per rank, custom Ray resources (rollout.resources)
 
 
 class DeepSpeedConfig(_Section):

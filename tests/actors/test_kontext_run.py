@@ -93,6 +93,7 @@ def test_tensorboard_holds_the_rollout_inspection(run):
         assert values and all(v == v for v in values), tag
 
 
+@pytest.mark.slow  # 35 s more on the shared run; test_stage_commands.py resumes the tiny default's checkpoints
 def test_resume_continues_from_the_adapter_checkpoints(run):
     """As if the run had stopped after rl's last checkpoint: the rl stage picks up its adapter-only DeepSpeed
     checkpoint (the frozen base rebuilt from the checkpoint folder) and trains one more epoch."""

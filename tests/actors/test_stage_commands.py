@@ -18,6 +18,7 @@ def posterrl(*args):
     return subprocess.run([sys.executable, "-m", "posterrl.cli", *args], capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # 70 s; the default suite runs the stages in one `posterrl run` (test_run_cli.py)
 def test_sft_then_distill_as_separate_commands(tmp_path):
     run = tmp_path / "run"
     proc = posterrl("sft", "configs/tiny.yaml", *SMALL, "sft.steps=2", "--run-dir", str(run))

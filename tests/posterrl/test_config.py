@@ -154,7 +154,7 @@ def test_stage_sections_have_their_defaults():
                                            "init": "local", "eval_every": 100, "checkpoint_every": 100}
     assert set(config.learner.model_dump()) == {"num_ranks", "cpus_per_rank", "gpus_per_rank", "micro_batch_size",
                                                 "weight_decay", "warmup_steps", "grad_clip", "keep_checkpoints",
-                                                "seed"}
+                                                "seed", "resources"}
     assert config.reward_model.steps == 400 and config.reward_model.backbone == "conv"
     assert "bt" not in config.reward.model_dump()
 
@@ -339,6 +339,8 @@ def _float_keys():
                 yield from walk(field.annotation, f"{prefix}{name}.")
             elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
                 yield from walk(args[0], f"{prefix}{name}[0].")
+            elif typing.get_origin(field.annotation) is dict:
+                yield f"{prefix}{name}.some_key"  # a mapping's values (resources)
             elif field.annotation is float or float in args:
                 yield prefix + name
 
