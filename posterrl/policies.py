@@ -12,15 +12,18 @@ import torch
 
 from posterrl.config import ModelConfig, RolloutConfig
 from posterrl.models.kontext_policy import KontextPolicy
+from posterrl.models.pipeline_policy import PipelinePolicy
+from posterrl.models.qwen_policy import QwenEditPolicy
 from posterrl.policy import EditPolicy, Policy, PolicySpec
 
-POLICY_CLASSES: dict[str, type[EditPolicy] | type[KontextPolicy]] = {
+POLICY_CLASSES: dict[str, type[EditPolicy] | type[PipelinePolicy]] = {
     "tiny_flux": EditPolicy,
     "flux_kontext": KontextPolicy,
+    "qwen_image_edit": QwenEditPolicy,
 }
 
 
-def policy_class(kind: str) -> type[EditPolicy] | type[KontextPolicy]:
+def policy_class(kind: str) -> type[EditPolicy] | type[PipelinePolicy]:
     if kind not in POLICY_CLASSES:
         raise NotImplementedError(f"model.kind={kind!r}: this version of posterrl builds {sorted(POLICY_CLASSES)}")
     return POLICY_CLASSES[kind]

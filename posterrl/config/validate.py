@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from posterrl.config.schema import Config
 
 # Policies this version builds (posterrl/policy.py); the other model kinds validate but do not run.
-IMPLEMENTED_POLICY_KINDS = ("tiny_flux", "flux_kontext")
+IMPLEMENTED_POLICY_KINDS = ("tiny_flux", "flux_kontext", "qwen_image_edit")
 # Pixels per latent token side of the released pipelines (an 8x VAE, 2 x 2 packed latents).
 PIPELINE_TOKEN_PX = 16
 
@@ -220,8 +220,19 @@ def reward_model_problems(cfg: Config) -> list[str]:
 
 
 # Every cross-field check, in the order its messages are reported.
+def deepspeed_problems(cfg: Config) -> list[str]:
+    if cfg.deepspeed.zero_stage == 3:
+        # theta_old, the KL reference and the distill experts are swapped into the trained module's layers, and
+        # exports and syncs read whole tensors: both need every parameter whole on every rank
+        return ["deepspeed.zero_stage=3 is not supported: posterrl keeps whole parameters on every rank (theta_old "
+                "and the experts run through the trained module); use 2, with LoRA (model.lora.rank) and "
+                "deepspeed.offload_optimizer for the released models"]
+    return []
+
+
 VALIDATORS: tuple[Callable[[Config], list[str]], ...] = (
     model_problems,
+    deepspeed_problems,
     stages_problems,
     data_problems,
     sft_problems,

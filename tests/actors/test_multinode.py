@@ -14,7 +14,8 @@ from ray.util.state import list_actors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-OVERRIDES = ["stages=[data,sft,rl]", "data.n_train=2", "data.n_val=1", "data.chunks=1", "rollout.eval_per_task=1",
+OVERRIDES = ["stages=[data,sft,distill,rl]", "distill.steps=2", "distill.eval_every=2", "distill.checkpoint_every=2",
+             "data.n_train=2", "data.n_val=1", "data.chunks=1", "rollout.eval_per_task=1",
              "rollout.num_steps=2", "sft.steps=2", "sft.eval_every=2", "sft.checkpoint_every=2", "rl.epochs=1",
              "rl.prompts_per_epoch=6", "rollout.group_size=2", "rl.batch_size=4", "rl.eval_every=1",
              "logging.progress=false", "reward.scorers=[{name: keep, kind: preservation}]",

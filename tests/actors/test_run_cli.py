@@ -153,9 +153,9 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_unavailable_model_kind_is_refused_before_ray_starts(tmp_path):
-    proc = posterrl("run", "configs/tiny.yaml", "model.kind=qwen_image_edit", f"model.pretrained_path={tmp_path}",
+def test_a_model_folder_of_the_wrong_kind_is_refused_before_ray_starts(tmp_path):
+    proc = posterrl("run", "configs/tiny.yaml", "model.kind=flux_kontext", f"model.pretrained_path={tmp_path}",
                     "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
-    assert "model.kind='qwen_image_edit' is not available in this version" in proc.stdout
+    assert "no model_index.json" in proc.stdout and "FluxKontextPipeline" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr

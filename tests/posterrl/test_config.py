@@ -46,7 +46,8 @@ def test_gpu_presets_say_what_is_missing():
     assert any("model.pretrained_path='/models/FLUX.1-Kontext-dev': no such directory" in p
                and "posterrl model make-tiny --kind flux_kontext" in p for p in problems)
     problems = load_config("configs/qwen_image_edit.yaml").runnable_problems()
-    assert any("model.kind='qwen_image_edit' is not available" in p for p in problems)
+    assert not any("is not available" in p for p in problems)
+    assert any("model.pretrained_path='/models/Qwen-Image-Edit': no such directory" in p for p in problems)
 
 
 def test_gpus_a_local_cluster_lacks_are_said_before_anything_starts():
@@ -418,3 +419,8 @@ def test_data_max_bad_fraction():
     assert Config().data.max_bad_fraction == 0.1
     with pytest.raises(ConfigError, match=r"data.max_bad_fraction: got 1.5, expected a number <= 1"):
         load_config("configs/tiny.yaml", ["data.max_bad_fraction=1.5"])
+
+
+def test_zero_stage_3_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage=3 is not supported: posterrl keeps whole parameters"):
+        load_config("configs/tiny.yaml", ["deepspeed.zero_stage=3"])

@@ -12,7 +12,8 @@ from learner.tasks.base import velocity_with
 from posterrl.config import ModelConfig
 from posterrl.flow import SamplerConfig
 from posterrl.models import tiny_pipelines
-from posterrl.models.kontext_policy import LORA_FILE, KontextPolicy
+from posterrl.models.kontext_policy import KontextPolicy
+from posterrl.models.pipeline_policy import LORA_FILE
 from posterrl.policies import build_policy, load_policy
 from posterrl.policy import quiet_model_libraries
 from rollout.sampler import sample, sample_groups
