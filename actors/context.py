@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from actors.faults import FaultLog, no_answer, wait_all
 from actors.learner_group import LearnerGroup
+from actors.placement import RunPlacement
 from actors.reward_server import start_reward_server
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
@@ -35,6 +36,7 @@ class PipelineContext:
     stage: str = "setup"  # the stage running now (what a stopped run's summary names)
     _rollouts: RolloutActorGroup | None = None
     _learners: LearnerGroup | None = None
+    _placement: RunPlacement | None = None
     _reward_server: ray.actor.ActorHandle | None = None  # the named reward-server actor (start_reward_server)
 
     def train_rows(self) -> list[ManifestRow]:
@@ -88,16 +90,22 @@ class PipelineContext:
         if self.stop_requested:
             raise Interrupted(f"stopped by Ctrl-C at {where}; continue with --resume")
 
+    def placement(self) -> RunPlacement:
+        """Reserved on first use (colocated: the shared group; disaggregated: each role reserves its own)."""
+        if self._placement is None:
+            self._placement = RunPlacement(self.config)
+        return self._placement
+
     def rollout_group(self) -> RolloutActorGroup:
         """Started on first use and kept for the whole run."""
         if self._rollouts is None:
-            self._rollouts = RolloutActorGroup(self.config)
+            self._rollouts = RolloutActorGroup(self.config, self.placement().rollouts())
         return self._rollouts
 
     def learner_group(self) -> LearnerGroup:
         """Started on first use; the same ranks serve every training stage."""
         if self._learners is None:
-            self._learners = LearnerGroup(self.config)
+            self._learners = LearnerGroup(self.config, self.placement().learners())
         return self._learners
 
     def scalars(self, values: dict[str, float], step: int | None = None) -> None:
@@ -113,3 +121,5 @@ class PipelineContext:
             self._learners.shutdown()
         if self._rollouts is not None:
             self._rollouts.shutdown()
+        if self._placement is not None:
+            self._placement.release()

@@ -7,11 +7,10 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import rendezvous_host, threads_for
 from actors.faults import ActorLost, RunAborted, wait_all
+from actors.placement import Slots, learner_slots
 from learner.core import Learner, StepStats
 from posterrl.config import Config
 
@@ -19,23 +18,17 @@ SHUTDOWN_GRACE_S = 10.0  # how long ranks get to leave their process groups befo
 
 
 class LearnerGroup:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, slots: Slots | None = None):
+        """The ranks, each in its bundle of `slots` (a colocated run's shared group), or of a placement group of
+        their own (actors/placement.py)."""
         lc = config.learner
         self.gpus_per_rank = lc.gpus_per_rank
         self.timeout_s = config.cluster.call_timeout_s
-        bundle = {"CPU": lc.cpus_per_rank, **({"GPU": lc.gpus_per_rank} if lc.gpus_per_rank else {}), **lc.resources}
-        self.placement = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ready, _ = ray.wait([self.placement.ready()], timeout=self.timeout_s)
-        if not ready:
-            remove_placement_group(self.placement)
-            raise RunAborted(f"the cluster has no room for {lc.num_ranks} learner rank(s) of {bundle} after "
-                             f"{self.timeout_s:g} s (cluster.call_timeout_s): check learner.cpus_per_rank / "
-                             "gpus_per_rank against `ray status`")
+        self.slots = slots or learner_slots(config)
         remote_learner = ray.remote(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank)(Learner)
         self.ranks = [
-            remote_learner.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
-            ).remote(config.model_dump(mode="json"), rank, lc.num_ranks, threads_for(lc.cpus_per_rank))
+            remote_learner.options(scheduling_strategy=self.slots.strategy(rank)).remote(
+                config.model_dump(mode="json"), rank, lc.num_ranks, threads_for(lc.cpus_per_rank))
             for rank in range(lc.num_ranks)
         ]
         # Rank 0 opens the rendezvous store on loopback when every rank shares its node, else on the node IP
@@ -82,5 +75,5 @@ class LearnerGroup:
         finally:
             for rank in self.ranks:
                 ray.kill(rank)
-            remove_placement_group(self.placement)
+            self.slots.release()
             self.ranks = []

@@ -191,6 +191,8 @@ class RlStage:
         """rl.passes over the samples in rl_batches, then the soft update of theta_old, published as epoch + 1."""
         rl = self.rl
         began = time.perf_counter()
+        if self.ctx.placement().colocated:  # the actors' GPU goes to the learner until the next sampling
+            self.rollouts.offload()
         steps = [self.learners.train_step(batch) for pass_index in range(rl.passes)
                  for batch in rl_batches(samples, rl.batch_size, seed=[rl.seed, epoch, pass_index])]
         train_s = time.perf_counter() - began

@@ -21,7 +21,8 @@ from PIL import Image
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from actors.cluster import threads_for
-from actors.faults import ActorLost, FaultEvent, FaultLog, RunAborted, no_answer
+from actors.faults import ActorLost, FaultEvent, FaultLog, RunAborted, no_answer, wait_all
+from actors.placement import Slots, rollout_slots
 from posterrl.config import Config
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
@@ -114,18 +115,22 @@ class RolloutActor(RolloutWorker):
 
 
 class RolloutActorGroup:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, slots: Slots | None = None):
+        """The actors, each in its bundle of `slots` (a colocated run's shared group), or of a placement group of
+        their own (actors/placement.py)."""
         rc = config.rollout
         self.timeout_s = config.cluster.call_timeout_s
         self.max_attempts = rc.max_chunk_attempts
+        self.slots = slots or rollout_slots(config)
         remote_worker = ray.remote(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor,
                                    resources=rc.resources or None)(RolloutActor)
         # No task retries by Ray: the driver dispatches a lost chunk again itself, with its weights, and counts it.
         self.actors = [
-            remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0).remote(
+            remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0,
+                                  scheduling_strategy=self.slots.strategy(i)).remote(
                 model=config.model.model_dump(mode="json"), num_threads=threads_for(rc.cpus_per_actor),
                 device="cuda" if rc.gpus_per_actor > 0 else "cpu")
-            for _ in range(rc.num_actors)
+            for i in range(rc.num_actors)
         ]
         self.sampler = SamplerConfig.from_rollout(rc)
         self.dead: set[int] = set()  # actors out of restarts
@@ -292,7 +297,14 @@ class RolloutActorGroup:
         self.restarting.discard(actor)
         return changed
 
+    def offload(self) -> None:
+        """Colocated placement: every live actor moves its policy off the GPU until its next sampling (the learner
+        trains on that GPU meanwhile); waits until they have."""
+        wait_all([self.actors[i].offload.remote() for i in self.live()], self.timeout_s,
+                 [f"rollout actor {i} (offload)" for i in self.live()])
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self.slots.release()

@@ -81,6 +81,7 @@ class RolloutWorker:
             self.policy = build_policy(ModelConfig.model_validate(model))
         self.device = torch.device(device)
         self.policy.to(self.device).eval().requires_grad_(False)
+        self.resident = True  # the policy is on self.device (False after offload, until the next sampling)
         # -1: built from a config, no weights loaded yet (a version is never negative, so no chunk matches it)
         self.policy_version = 0 if checkpoint is not None else UNLOADED
         self.weight_group: BroadcastGroup | None = None  # rollout.weight_sync=broadcast
@@ -96,6 +97,7 @@ class RolloutWorker:
         current ones may be read-only.
         """
         began = time.perf_counter()
+        self._make_resident()  # weights land where the policy samples
         arrays = {k: v for k, v in state_dict.items() if isinstance(v, np.ndarray)}
         tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         if len(arrays) == len(state_dict) and self.device.type == "cpu":
@@ -126,6 +128,7 @@ class RolloutWorker:
         if self.weight_group is None:
             raise RuntimeError("receive_weights before join_weight_broadcast: this worker is in no broadcast group")
         began = time.perf_counter()
+        self._make_resident()
         if self._shared_weights is not None:  # read-only object-store views: receive into writable copies
             self.load_weights(self.policy.policy_state(), self.policy_version)
         self.weight_group.broadcast(list(self.policy.policy_state().values()))
@@ -136,6 +139,19 @@ class RolloutWorker:
         # the fingerprint is read back from the policy's own tensors, not from what arrived: it shows what bound
         return WeightLoad(time.perf_counter() - began, self.policy_version, fingerprint(self.policy.policy_state()))
 
+    def offload(self) -> None:
+        """Free the GPU until the next sampling or weight load (cluster.placement=colocated: the learner trains on
+        it meanwhile). Nothing to do on the CPU."""
+        if self.device.type != "cpu" and self.resident:
+            self.policy.to("cpu")
+            self.resident = False
+            torch.cuda.empty_cache()
+
+    def _make_resident(self) -> None:
+        if not self.resident:
+            self.policy.to(self.device)
+            self.resident = True
+
     def sample(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,
                max_batch: int = 16) -> list[RolloutGroup]:
         """K = group_size samples for each row, in the order of `rows`.
@@ -143,6 +159,7 @@ class RolloutWorker:
         Noise depends only on (base_seed, row id), so the same prompt gives the same samples in
         any batch, on any actor.
         """
+        self._make_resident()
         groups: dict[str, RolloutGroup] = {}
         per_call = max(1, max_batch // group_size)
         for bucket in bucket_by_num_inputs(rows, per_call):

@@ -258,6 +258,11 @@ class ClusterConfig(_Section):
     # The longest the driver waits on actors without any of them answering: a hung learner rank, rollout
     # actor or reward server stops the run after this, naming it (a dead one is noticed at once).
     call_timeout_s: float = Field(600.0, gt=0)
+    # Where the learner ranks and rollout actors sit (docs/scaling.md). disaggregated: each role in a placement
+    # group of its own (rollouts and training on separate GPUs, running at once in rl.mode off_policy).
+    # colocated: rollout actor i shares learner rank i % num_ranks's bundle (one GPU holds both; the rollout
+    # policy leaves the GPU while the learner trains).
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
 
 
 class LoggingConfig(_Section):

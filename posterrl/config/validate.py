@@ -106,6 +106,9 @@ def rl_problems(cfg: Config) -> list[str]:
         problems.append("stages has 'rl' but reward.scorers is empty: the rl stage needs a reward to optimise")
     if rl.retire_threshold is None and rl.retire_patience != 2:
         problems.append(f"rl.retire_patience={rl.retire_patience} has no effect without rl.retire_threshold")
+    if rl.mode == "off_policy" and cfg.cluster.placement == "colocated":
+        problems.append("rl.mode=off_policy samples while the learner trains, which cluster.placement=colocated "
+                        "rules out (both share a GPU): use rl.mode=sync, or cluster.placement=disaggregated")
     if rl.mode == "sync" and rl.max_staleness != 1:
         problems.append(f"rl.max_staleness={rl.max_staleness} applies to rl.mode=off_policy only "
                         "(sync rollouts always come from the newest sampling policy)")
@@ -113,6 +116,16 @@ def rl_problems(cfg: Config) -> list[str]:
 
 
 def cluster_problems(cfg: Config) -> list[str]:
+    if cfg.cluster.placement == "colocated":
+        rc, lc = cfg.rollout, cfg.learner
+        if rc.num_actors % lc.num_ranks:
+            return [f"cluster.placement=colocated puts rollout actors into the learner ranks' bundles: "
+                    f"rollout.num_actors={rc.num_actors} must be a multiple of learner.num_ranks={lc.num_ranks}"]
+        gpus = lc.gpus_per_rank + rc.num_actors // lc.num_ranks * rc.gpus_per_actor
+        if gpus > 1 and gpus != int(gpus):
+            return [f"cluster.placement=colocated: a bundle holds learner.gpus_per_rank + (rollout.num_actors / "
+                    f"learner.num_ranks) x rollout.gpus_per_actor = {gpus:g} GPUs; Ray shares a GPU only in "
+                    "fractions up to 1 (e.g. 0.5 + 0.5), or whole GPUs"]
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
         need = cpus_requested(cfg)
         if need > cfg.cluster.num_cpus:

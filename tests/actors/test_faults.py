@@ -182,6 +182,7 @@ def test_ctrl_c_checkpoints_and_exits_130_without_orphans(tmp_path):
     assert stopped["type"] == "Interrupted"
 
 
+@pytest.mark.slow  # 40 s; the guard's counting and decision are unit-tested in tests/actors/test_fault_log.py
 def test_reward_guard_stops_a_run_whose_scorer_always_fails(tmp_path):
     # A reward model that times out on every batch: a forward pass takes far longer than 0.1 ms (the probe
     # before a scorer goes live has no time limit, so it starts).

@@ -42,6 +42,7 @@ def test_distill_without_experts_says_what_is_missing(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # 80-90 s; the default suite resumes in test_rl.py (a killed run) and test_learner_group.py
 def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, killed_when):
     run = tmp_path / "run"
     args = ["sft", "configs/tiny.yaml", *SMALL, "sft.steps=16", "sft.checkpoint_every=4",
