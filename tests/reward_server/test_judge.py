@@ -1,5 +1,5 @@
-"""The VLM judge: the expected-digit score by hand, a tiny Qwen2-VL end to end, and the OpenAI-compatible
-HTTP path against a local server that answers with known logprobs."""
+"""The VLM judge: the expected-digit score by hand, a tiny Qwen2-VL and a tiny Qwen2.5-VL end to end, and the
+OpenAI-compatible HTTP path against a local server that answers with known logprobs."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import pytest
 
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.models.samples import EditSample
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from posterrl.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from reward_server.judge import VlmJudge, expected_digit_score, judge_messages
 
 
@@ -39,9 +39,9 @@ def test_prompt_has_every_image_and_the_rubric():
     assert "reference poster's look" in parts[-1]["text"] and sample.instruction in parts[-1]["text"]
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("vlm") / "tiny_qwen2_vl")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny_vlm(request, tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / f"tiny_{request.param}", request.param)
 
 
 def test_transformers_judge_end_to_end(tiny_vlm):
@@ -50,7 +50,9 @@ def test_transformers_judge_end_to_end(tiny_vlm):
     batch = judge.score(samples)
     assert batch.scores.shape == (6,) and np.isfinite(batch.scores).all()
     assert ((batch.scores >= 0) & (batch.scores <= 1)).all()
-    assert sum(batch.details[0]["digits"].values()) == pytest.approx(1.0, abs=1e-3)
+    for details in batch.details:  # one distribution over the six digits per sample
+        assert set(details["digits"]) == {str(d) for d in range(6)}
+        assert sum(details["digits"].values()) == pytest.approx(1.0, abs=1e-3)
     np.testing.assert_array_equal(judge.score(samples).scores, batch.scores)  # deterministic
     one_by_one = np.concatenate([judge.score([s]).scores for s in samples])
     np.testing.assert_allclose(one_by_one, batch.scores, atol=1e-5)  # left padding does not change a score

@@ -1,4 +1,5 @@
-"""The VLM backbone of the Bradley-Terry reward model at tiny size: forward, LoRA, learning, save/load."""
+"""The VLM backbone of the Bradley-Terry reward model at tiny size, on a tiny Qwen2-VL and a tiny Qwen2.5-VL:
+forward, LoRA, learning, save/load."""
 
 import numpy as np
 import pytest
@@ -10,14 +11,14 @@ from posterrl.config import RewardModelConfig
 from posterrl.data.tasks import TASKS, build_samples
 from posterrl.models.reward_model import build_reward_model, load_reward_model, reward_model_spec, save_reward_model
 from posterrl.models.samples import EditSample
-from posterrl.models.tiny_vlm import build_tiny_qwen2_vl
+from posterrl.models.tiny_vlm import FAMILIES, build_tiny_vlm
 from reward_server.bradley_terry import BradleyTerryScorer
 from reward_server.types import scorer_dtype
 
 
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("rm_vlm") / "tiny")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def vlm_dir(request, tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("rm_vlm") / request.param, request.param)
 
 
 def spec(vlm_dir, lora_rank):
@@ -30,6 +31,7 @@ def edits(index=0):
 
 def test_forward_over_tasks_with_one_to_three_inputs(vlm_dir):
     model = build_reward_model(spec(vlm_dir, 0))
+    assert all(p.requires_grad for p in model.parameters())  # no LoRA: the whole backbone trains
     samples = edits()
     assert {len(s.inputs) for s in samples} >= {1, 2}
     with torch.no_grad():
