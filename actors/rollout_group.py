@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,7 +157,8 @@ class RolloutActorGroup:
     def live(self) -> list[int]:
         return [i for i in range(len(self.actors)) if i not in self.dead]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, faults: FaultLog) -> None:
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor | np.ndarray], version: int,
+                     faults: FaultLog) -> None:
         """Publish and wait until every actor holds the weights, verified against their fingerprint. An actor
         that dies meanwhile is counted and loads them with its next chunk (chunks carry the weights), so it
         does not stop the run."""

@@ -120,9 +120,10 @@ class Learner:
         """Average per-rank stats over ranks, so the driver sees the global batch."""
         grad_norm = self.engine.get_global_grad_norm()
         keys = sorted(totals)
-        reduced = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        # on the rank's device: an NCCL group reduces CUDA tensors only
+        reduced = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(reduced)
-        averaged = {k: float(v) / self.world_size for k, v in zip(keys, reduced, strict=True)}
+        averaged = {k: v / self.world_size for k, v in zip(keys, reduced.cpu().tolist(), strict=True)}
         return StepStats(step=self.step, loss=averaged.pop("loss"), grad_norm=float(grad_norm or 0.0),
                          lr=self.scheduler.get_last_lr()[0], samples=samples, extra=averaged)
 

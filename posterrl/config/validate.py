@@ -106,6 +106,13 @@ def rl_problems(cfg: Config) -> list[str]:
         problems.append("stages has 'rl' but reward.scorers is empty: the rl stage needs a reward to optimise")
     if rl.retire_threshold is None and rl.retire_patience != 2:
         problems.append(f"rl.retire_patience={rl.retire_patience} has no effect without rl.retire_threshold")
+    rc = cfg.rollout
+    if rc.weight_sync == "broadcast" and (0 < rc.gpus_per_actor < 1 or (cfg.cluster.placement == "colocated"
+                                                                       and rc.gpus_per_actor > 0)):
+        problems.append(f"rollout.weight_sync=broadcast over NCCL needs learner rank 0 and every rollout actor on a "
+                        f"GPU of its own (NCCL refuses two ranks on one GPU), but rollout.gpus_per_actor="
+                        f"{rc.gpus_per_actor:g} / cluster.placement={cfg.cluster.placement} share one: use "
+                        "rollout.weight_sync=object_store")
     if rl.mode == "off_policy" and cfg.cluster.placement == "colocated":
         problems.append("rl.mode=off_policy samples while the learner trains, which cluster.placement=colocated "
                         "rules out (both share a GPU): use rl.mode=sync, or cluster.placement=disaggregated")
