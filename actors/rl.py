@@ -25,7 +25,7 @@ from actors.evaluation import evaluate, latest_policy_dir
 from actors.faults import RewardGuard, RunAborted, ask_restartable, no_answer
 from actors.rollout_group import Chunk, edit_samples
 from actors.rollout_log import RolloutLog, oldest_policy_version
-from actors.weight_sync import Publication, WeightSync
+from actors.weight_sync import Publication, WeightSync, probe_tolerance
 from learner.data import rl_batches, rl_prompts
 from learner.nft import NoRetirement, PromptRetirement
 from learner.scoring import EpochScores, score_epoch
@@ -176,7 +176,8 @@ class RlStage:
         ctx.global_step = self.base_step + self.learner_step
         self.log = RolloutLog(ctx)
         self.base_seed = cfg.rollout.seed + ROLLOUT_SEED_OFFSET
-        self.sync = WeightSync(self.learners, self.rollouts, cfg.rollout.weight_sync, ctx.faults)
+        self.sync = WeightSync(self.learners, self.rollouts, cfg.rollout.weight_sync, ctx.faults,
+                               probe_every=cfg.rollout.probe_every, probe_tol=probe_tolerance(cfg))
         self.guard = RewardGuard(rl.max_unscored_fraction, rl.unscored_patience)
         self.server_pid: int | None = None
         self.unresolved: Publication | None = None  # off_policy: the last publish, resolved an epoch later
@@ -207,7 +208,11 @@ class RlStage:
         publish is resolved here instead (perf/weight_sync_s lags one epoch)."""
         publication = self.sync.publish(version)
         if self.rl.mode == "sync":
-            return publication.wait()
+            seconds = publication.wait()
+            # the probe needs theta_old unchanged since the publish: sync mode only (off_policy trains on)
+            if self.sync.due_probe(version):
+                self.sync.probe(version)
+            return seconds
         previous, self.unresolved = self.unresolved, publication
         return previous.wait() if previous is not None else None
 

@@ -18,6 +18,7 @@ from posterrl.policies import build_policy, load_policy
 from posterrl.policy import SPEC_FILE
 
 REGIMES = ("local", "global")
+LATENT_DIR = "latents"  # <run>/latents/: a latent-space policy's target latents (learner/latent_cache.py)
 
 
 def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task: str,
@@ -79,8 +80,8 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
         regime_tasks = [t for t in cfg.data.tasks if REGIME[t] == regime]
         if not regime_rows:
             raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
-        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft, {},
-                                       export_dir, regime_tasks)
+        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft,
+                                       {"latent_cache": str(ctx.run.root / LATENT_DIR)}, export_dir, regime_tasks)
         evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), label)
         evaluation.record(ctx.run, label)
         figures[regime]["gold"] = evaluation.gold
@@ -105,8 +106,9 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
         experts[regime] = load_policy(path).policy_state()
     export_dir = ctx.run.stage_checkpoint("distill")
     init = experts[cfg.distill.init] if cfg.distill.init != "config" else None
-    figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill,
-                           {"expert_states": experts, "init_state": init}, export_dir, list(cfg.data.tasks))
+    inputs = {"expert_states": experts, "init_state": init, "latent_cache": str(ctx.run.root / LATENT_DIR)}
+    figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill, inputs, export_dir,
+                           list(cfg.data.tasks))
     evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), "student")
     evaluation.record(ctx.run, "student")
     figures["gold"] = evaluation.gold

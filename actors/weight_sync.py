@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import ray
 
 from actors.cluster import rendezvous_host
-from actors.faults import FaultLog, wait_all
+from actors.faults import FaultLog, RunAborted, wait_all
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
+from posterrl.config import Config
+from posterrl.weight_sync import probe_mismatch
 
 
 @dataclass
@@ -44,9 +46,19 @@ class Publication:
         return self.handover_s + max((load.seconds for load in loads), default=0.0)
 
 
+def probe_tolerance(config: Config) -> float:
+    """How far an actor's probe velocity may be from rank 0's (relative L2): float32 on both sides agrees to
+    round-off; a bf16 learner's theta_old runs the probe in bf16 (about 3 significant digits)."""
+    return 5e-2 if config.deepspeed.precision == "bf16" else 1e-4
+
+
 class WeightSync:
-    def __init__(self, learners: LearnerGroup, rollouts: RolloutActorGroup, method: str, faults: FaultLog):
+    def __init__(self, learners: LearnerGroup, rollouts: RolloutActorGroup, method: str, faults: FaultLog,
+                 probe_every: int = 0, probe_tol: float = 1e-4):
+        """probe_every: every this many publishes (by version), compare each actor's output on the probe input with
+        rank 0's theta_old (0: fingerprints only)."""
         self.learners, self.rollouts, self.method, self.faults = learners, rollouts, method, faults
+        self.probe_every, self.probe_tol = probe_every, probe_tol
         self.timeout_s = learners.timeout_s
         if method == "broadcast":
             source = learners.ranks[0]
@@ -63,6 +75,22 @@ class WeightSync:
                      + [f"rollout actor {i} (join weight broadcast)" for i in range(len(rollouts.actors))])
         elif method != "object_store":
             raise ValueError(f"rollout.weight_sync={method!r}: expected object_store or broadcast")
+
+    def probe(self, version: int) -> None:
+        """Every actor's policy output on the fixed probe input against rank 0's theta_old; a difference beyond
+        the tolerance stops the run. Call once the weights of `version` are in (after Publication.wait)."""
+        live = self.rollouts.live()
+        refs = [self.learners.ranks[0].sampling_probe.remote()] + [self.rollouts.actors[i].probe.remote() for i in live]
+        expected, *outputs = wait_all(refs, self.timeout_s,
+                                      ["learner rank 0 (probe)"] + [f"rollout actor {i} (probe)" for i in live])
+        for actor, output in zip(live, outputs, strict=True):
+            problem = probe_mismatch(expected, output, self.probe_tol)
+            if problem is not None:
+                raise RunAborted(f"weight sync of version {version}: rollout actor {actor}'s {problem}; stopping "
+                                 "rather than sampling from a policy that is not the one trained")
+
+    def due_probe(self, version: int) -> bool:
+        return self.probe_every > 0 and version % self.probe_every == 0
 
     def publish(self, version: int) -> Publication:
         """Start moving theta_old to every actor as `version`."""

@@ -166,6 +166,9 @@ class Learner:
         """theta_old's fingerprint: what every rollout actor must hold after a sync (posterrl/weight_sync.py)."""
         return fingerprint(self._require(NftTask).sampling_state)
 
+    def sampling_probe(self) -> torch.Tensor:
+        return self._require(NftTask).sampling_probe(self.module)
+
     def sampling_checksum(self) -> float:
         """Sum of theta_old's parameters (tests follow the soft update with it)."""
         return self._require(NftTask).sampling_checksum()

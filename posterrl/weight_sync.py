@@ -9,7 +9,10 @@ named, so only they travel.
 
 Every sync is verified: the receiving side reports the `fingerprint` of the tensors its policy holds after the
 load, and the driver compares it with the sender's (`fingerprint_mismatch`), so a sync that bound nothing, left
-a tensor stale or mixed up keys stops the run instead of sampling from weights nobody trained.
+a tensor stale or mixed up keys stops the run instead of sampling from weights nobody trained. Every
+rollout.probe_every syncs, the policy's output on a fixed input (`probe_inputs`) is compared too: weights that
+hold the right numbers but act differently (a module the sync bound that the forward does not use, an adapter
+disabled) show there.
 
 No Ray: actors/ starts both ends of a broadcast together.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +34,11 @@ def open_store(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCP
     window between finding a free port and binding it in which another process could take it."""
     return dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False)
+
+
+# Elements per broadcast buffer: 64 Mi (256 MiB in float32). A LoRA state fits in one; full weights go in pieces,
+# so neither side holds a second copy of a whole 12B transformer in flight.
+BUCKET_NUMEL = 64 * 2**20
 
 
 class BroadcastGroup:
@@ -57,27 +66,46 @@ class BroadcastGroup:
             self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)  # type: ignore[call-arg]
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
-    def broadcast(self, tensors: Sequence[torch.Tensor], wire_dtype: torch.dtype = torch.float32) -> int:
+    def broadcast(self, tensors: Sequence[torch.Tensor], wire_dtype: torch.dtype = torch.float32,
+                  bucket_numel: int = BUCKET_NUMEL) -> int:
         """Rank 0: send `tensors`; other ranks: overwrite their `tensors` (same shapes and order) in place.
 
-        Returns the bytes moved. Everything travels as one flat buffer of `wire_dtype` (one collective
-        per sync, not one per parameter); each side casts from and to its own dtypes, so a bf16
-        learner can feed fp32 rollout workers.
+        Returns the bytes moved. Tensors travel in flat buffers of `wire_dtype` of at most `bucket_numel`
+        elements (`buckets`): one collective for a LoRA state, a bounded buffer for a full 12B transformer, never
+        one collective per parameter; each side casts from and to its own dtypes, so a bf16 learner can feed fp32
+        rollout workers.
         """
-        total = sum(t.numel() for t in tensors)
-        if self.rank == 0:
-            flat = torch.cat([t.detach().reshape(-1).to(self.device, wire_dtype) for t in tensors])
-        else:
-            flat = torch.empty(total, dtype=wire_dtype, device=self.device)
-        # c10d's Backend binds broadcast(tensor, root); torch's stub for Backend leaves it out
-        self.group.broadcast(flat, 0).wait()  # type: ignore[union-attr]
-        if self.rank != 0:
-            offset = 0
-            with torch.no_grad():
-                for tensor in tensors:
-                    tensor.copy_(flat[offset : offset + tensor.numel()].view(tensor.shape))
-                    offset += tensor.numel()
-        return flat.numel() * flat.element_size()
+        moved = 0
+        for bucket in buckets([t.numel() for t in tensors], bucket_numel):
+            members = [tensors[i] for i in bucket]
+            if self.rank == 0:
+                flat = torch.cat([t.detach().reshape(-1).to(self.device, wire_dtype) for t in members])
+            else:
+                flat = torch.empty(sum(t.numel() for t in members), dtype=wire_dtype, device=self.device)
+            # c10d's Backend binds broadcast(tensor, root); torch's stub for Backend leaves it out
+            self.group.broadcast(flat, 0).wait()  # type: ignore[union-attr]
+            if self.rank != 0:
+                offset = 0
+                with torch.no_grad():
+                    for tensor in members:
+                        tensor.copy_(flat[offset : offset + tensor.numel()].view(tensor.shape))
+                        offset += tensor.numel()
+            moved += flat.numel() * flat.element_size()
+        return moved
+
+
+def buckets(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive tensor indices grouped so that each group holds at most `limit` elements; a tensor larger than
+    the limit travels alone."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if not groups or total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += size
+    return groups
 
 
 def trainable_tensors(module: torch.nn.Module, names: Sequence[str] | None = None) -> list[torch.Tensor]:
@@ -88,6 +116,8 @@ def trainable_tensors(module: torch.nn.Module, names: Sequence[str] | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------- verification
+
+PROBE_SEED = 20261202  # the probe check's fixed input
 
 Fingerprint = dict[str, tuple[float, float, float]]  # state key -> (sum, sum of |x|, position-weighted sum)
 
@@ -119,3 +149,28 @@ def fingerprint_mismatch(expected: Fingerprint, got: Fingerprint, rel_tol: float
                           f"(expected {expected[k][1]:.6g})" for k in differ[:3])
         return f"{len(differ)} of {len(expected)} tensors differ: {shown}"
     return None
+
+
+PROBE_INSTRUCTION = "Probe the synced weights."
+
+
+def probe_inputs(policy: Any) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """A fixed input for the probe check: (x_t (1, *latent_shape), t (1,), instructions, inputs (1, 1, 3, R, R)),
+    the same on every process (seeded generators), on the policy's device and dtype."""
+    weight = next(policy.parameters())
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    side = policy.spec.resolution
+    inputs = torch.rand((1, 1, 3, side, side), generator=generator) * 2 - 1  # (1, 1, 3, R, R)
+    x_t = torch.randn((1, *policy.latent_shape), generator=generator)  # (1, *latent_shape)
+    return (x_t.to(weight.device, weight.dtype), torch.full((1,), 0.5, device=weight.device, dtype=weight.dtype),
+            [PROBE_INSTRUCTION], inputs.to(weight.device, weight.dtype))
+
+
+def probe_mismatch(expected: torch.Tensor, got: torch.Tensor, rel_tol: float) -> str | None:
+    """None when two probe velocities agree within rel_tol in relative L2 norm, else the two norms and the error."""
+    expected, got = expected.double().cpu(), got.double().cpu()
+    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+    if error <= rel_tol:
+        return None
+    return f"probe velocity differs by {error:.3g} (relative L2; tolerance {rel_tol:g}): |v| {float(got.norm()):.6g} " \
+           f"on the actor, {float(expected.norm()):.6g} from learner rank 0's theta_old"

@@ -22,7 +22,7 @@ from posterrl.flow import SamplerConfig
 from posterrl.images import uncanvas
 from posterrl.policies import build_policy, load_policy
 from posterrl.policy import quiet_model_libraries
-from posterrl.weight_sync import BroadcastGroup, Fingerprint, fingerprint
+from posterrl.weight_sync import BroadcastGroup, Fingerprint, fingerprint, probe_inputs
 from rollout.sampler import prompt_seed, sample_groups
 
 UNLOADED = -1  # the policy_version of a worker whose weights have not arrived
@@ -138,6 +138,13 @@ class RolloutWorker:
     def _report(self, began: float) -> WeightLoad:
         # the fingerprint is read back from the policy's own tensors, not from what arrived: it shows what bound
         return WeightLoad(time.perf_counter() - began, self.policy_version, fingerprint(self.policy.policy_state()))
+
+    @torch.no_grad()
+    def probe(self) -> torch.Tensor:
+        """The policy's velocity on the fixed probe input (posterrl.weight_sync.probe_inputs), on the CPU."""
+        self._make_resident()
+        x_t, t, instructions, inputs = probe_inputs(self.policy)
+        return self.policy.velocity(x_t, t, self.policy.condition(*self.policy.prepare(instructions, inputs))).cpu()
 
     def offload(self) -> None:
         """Free the GPU until the next sampling or weight load (cluster.placement=colocated: the learner trains on

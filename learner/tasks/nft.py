@@ -26,7 +26,7 @@ from posterrl.config import Config
 from posterrl.experience import RlSample, stack_rl_samples
 from posterrl.flow import SamplerConfig
 from posterrl.policy import check_state_keys
-from posterrl.weight_sync import BroadcastGroup
+from posterrl.weight_sync import BroadcastGroup, probe_inputs
 
 
 class NftTask:
@@ -54,6 +54,13 @@ class NftTask:
                 seen.add(tensor.data_ptr())
                 self.checksum_keys.append(key)
         return policy
+
+    def sampling_probe(self, module: nn.Module) -> torch.Tensor:
+        """theta_old's velocity on the fixed probe input (posterrl.weight_sync.probe_inputs), through `module`'s
+        layers with theta_old's tensors swapped in: what every rollout actor's policy must give after a sync."""
+        x_t, t, instructions, inputs = probe_inputs(module)
+        prepared = module.prepare(instructions, inputs)  # type: ignore[operator]
+        return velocity_with(module, self.sampling_state, x_t, t, *prepared).float().cpu()
 
     def sampling_checksum(self) -> float:
         """Sum of theta_old's tensors, each tied tensor once (tests follow the soft update with it)."""

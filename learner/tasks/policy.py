@@ -12,6 +12,7 @@ from torch import nn
 
 from learner.distributed import train_dtype
 from learner.flow import draw_flow_inputs
+from learner.latent_cache import TargetLatents
 from learner.losses import distillation_loss, flow_matching_loss, pick_expert_velocity
 from learner.tasks.base import StatelessTask, Stats, build_policy, export_policy, frozen_state, velocity_with
 from posterrl.batch import collate
@@ -36,13 +37,15 @@ class FlowForward:
 
 
 def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
-                 generator: torch.Generator) -> FlowForward:
-    """Collate rows, encode the targets, draw (t, eps), run the policy through the engine."""
+                 generator: torch.Generator, latents: TargetLatents | None = None) -> FlowForward:
+    """Collate rows, encode the targets (through the on-disk cache `latents` when given), draw (t, eps), run the
+    policy through the engine."""
     policy: Policy = engine.module
     batch = collate(rows, resolution)
     assert batch.targets is not None, "training rows need targets"
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
-    x0 = policy.encode_images(batch.targets.to(device, dtype))  # (B, *S)
+    targets = batch.targets.to(device, dtype)  # (B, 3, R, R)
+    x0 = latents(policy, rows, targets) if latents is not None else policy.encode_images(targets)  # (B, *S)
     x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
     prepared = policy.prepare(batch.instructions, batch.inputs.to(device, dtype))
     v = engine(x_t, t, *prepared)  # (B, *S)
@@ -53,8 +56,10 @@ class SftTask(StatelessTask):
     """Flow matching on manifest rows (inputs, instruction, target): one expert per regime."""
 
     def __init__(self, config: Config, device: torch.device, seed: int,
-                 init_state: dict[str, torch.Tensor] | None = None):
+                 init_state: dict[str, torch.Tensor] | None = None, latent_cache: str | None = None):
+        """latent_cache: where a latent-space policy's target latents are kept (learner/latent_cache.py)."""
         self.config, self.device, self.init_state = config, device, init_state
+        self.latents = TargetLatents(latent_cache) if latent_cache else None
         self.lr, self.batch_size = config.sft.lr, config.sft.batch_size
         self.micro_batch_size = config.learner.micro_batch_size
 
@@ -63,7 +68,7 @@ class SftTask(StatelessTask):
 
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
-        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
+        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator, self.latents)
         return flow_matching_loss(f.v, f.x0, f.eps)
 
     def export(self, module: nn.Module, directory: str) -> None:
@@ -80,15 +85,15 @@ class DistillTask(SftTask):
 
     def __init__(self, config: Config, device: torch.device, seed: int,
                  expert_states: dict[str, dict[str, torch.Tensor]],
-                 init_state: dict[str, torch.Tensor] | None = None):
-        super().__init__(config, device, seed, init_state)
+                 init_state: dict[str, torch.Tensor] | None = None, latent_cache: str | None = None):
+        super().__init__(config, device, seed, init_state, latent_cache)
         self.lr, self.batch_size = config.distill.lr, config.distill.batch_size
         self.experts = {regime: frozen_state(state, device, train_dtype(config))
                         for regime, state in expert_states.items()}
 
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
-        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator)
+        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator, self.latents)
         is_global = torch.tensor([REGIME[task] == "global" for task in f.tasks], device=self.device)  # (B,)
         v_local = velocity_with(engine.module, self.experts["local"], f.x_t, f.t, *f.prepared)  # (B, *S)
         v_global = velocity_with(engine.module, self.experts["global"], f.x_t, f.t, *f.prepared)  # (B, *S)

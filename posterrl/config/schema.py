@@ -112,6 +112,9 @@ class RolloutConfig(_Section):
     # sampled again, with the same rows, seed and weights, up to max_chunk_attempts times each.
     max_restarts: int = Field(-1, ge=-1)
     max_chunk_attempts: int = Field(8, ge=1)
+    # Every this many rl weight syncs (0: never) each actor's policy output on a fixed input is compared with
+    # learner rank 0's theta_old (posterrl/weight_sync.py), beside the fingerprint every sync is checked with.
+    probe_every: int = Field(10, ge=0)
     # Custom Ray resources each actor asks for besides CPUs and GPUs: pins the role to the nodes that offer them
     # (`ray start --resources='{"rollout": 8}'`, docs/scaling.md). The same key in learner and reward.
     resources: dict[str, float] = Field(default_factory=dict)

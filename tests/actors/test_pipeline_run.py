@@ -81,6 +81,9 @@ def test_every_stage_ran_and_trained_the_adapters(run):
     assert torch.equal(torch.cat([v.flatten() for v in adapters(run_dir, "eval").values()]),
                        torch.cat([v.flatten() for v in after_rl.values()]))  # eval exports what it evaluated
     assert summary["stages"]["rl"]["epochs"] == 2 and summary["stages"]["rl"]["steps"] > 0
+    # sft and distill targets VAE-encoded once per row, kept beside the run (2 posters x 6 tasks at most)
+    cached = list((run_dir / "latents").rglob("*.safetensors"))
+    assert 0 < len(cached) <= 2 * 6 and len({path.parent for path in cached}) == 1
 
 
 def test_deepspeed_checkpoints_hold_the_adapters_not_the_base(run):

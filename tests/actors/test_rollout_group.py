@@ -104,3 +104,32 @@ def test_a_corrupted_sync_stops_the_run(ray_cluster, tiny_config):
     finally:
         learners.shutdown()
         rollouts.shutdown()
+
+
+def test_the_probe_catches_a_policy_that_holds_the_weights_but_acts_otherwise(ray_cluster, tiny_config):
+    """rollout.probe_every: each actor's output on a fixed input against rank 0's theta_old. An actor whose rotary
+    ids (a buffer, not a weight: no fingerprint sees it) were shifted holds every weight right and still samples
+    another function; the probe stops the run."""
+    config = tiny_config.model_copy(deep=True)
+    config.learner.num_ranks, config.learner.cpus_per_rank = 1, 0.1
+    config.rollout.num_actors, config.rollout.cpus_per_actor = 2, 0.1
+    trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
+
+    def shift_rotary_ids(worker):  # runs inside the actor
+        worker.policy.noisy_ids += 1
+
+    learners, rollouts = LearnerGroup(config), RolloutActorGroup(config)
+    try:
+        learners.start("nft", 0, init_state=trained.state_dict())
+        sync = WeightSync(learners, rollouts, "object_store", FaultLog(), probe_every=1)
+        assert sync.due_probe(1) and not WeightSync(learners, rollouts, "object_store", FaultLog()).due_probe(1)
+        sync.publish(1).wait()
+        sync.probe(1)  # every actor computes what theta_old computes
+        ray.get(rollouts.actors[1].__ray_call__.remote(shift_rotary_ids), timeout=60)
+        sync.publish(2).wait()  # the fingerprints agree: the weights are right
+        with pytest.raises(RunAborted, match=r"weight sync of version 2: rollout actor 1's probe velocity differs by "
+                                             r"[0-9.e-]+ \(relative L2; tolerance 0.0001\)"):
+            sync.probe(2)
+    finally:
+        learners.shutdown()
+        rollouts.shutdown()

@@ -160,3 +160,25 @@ def test_full_fine_tuning_exports_the_transformer(kontext_dir, tmp_path):
     assert (export / "transformer" / "config.json").is_file() and not (export / LORA_FILE).exists()
     loaded = load_policy(export)
     assert all(torch.equal(loaded.policy_state()[k], v) for k, v in state.items())
+
+
+def test_target_latents_are_encoded_once_per_row_and_read_back(kontext_dir, tmp_path):
+    from learner.latent_cache import TargetLatents
+    from posterrl.batch import collate
+    from posterrl.data.manifest import load_manifest, write_manifest
+    from posterrl.data.tasks import TASKS, build_samples, write_samples
+
+    written = write_samples(build_samples(0, seed=3, size=64, tasks=TASKS[:2], split="train"), tmp_path / "data")
+    write_manifest(written, tmp_path / "data" / "manifest.jsonl")
+    rows = load_manifest(tmp_path / "data" / "manifest.jsonl", require_target=True).rows
+    policy = build_policy(model_config(kontext_dir)).eval()
+    targets = collate(rows, SIZE).targets
+    cache = TargetLatents(tmp_path / "latents")
+    first = cache(policy, rows, targets)
+    assert cache.encoded == 2 and torch.equal(first, policy.encode_images(targets))
+    again = cache(policy, rows[::-1], targets.flip(0))  # read back, in any order
+    assert cache.encoded == 2 and torch.equal(again, first.flip(0))
+    # another canvas (or base checkpoint) is another key: never another VAE's latents
+    other = build_policy(model_config(kontext_dir, resolution=48)).eval()
+    cache(other, rows, collate(rows, 48).targets)
+    assert cache.encoded == 4 and len(list((tmp_path / "latents").iterdir())) == 2

@@ -4,7 +4,15 @@ import multiprocessing as mp
 
 import torch
 
-from posterrl.weight_sync import BroadcastGroup, fingerprint, fingerprint_mismatch, open_store, trainable_tensors
+from posterrl.weight_sync import (
+    BroadcastGroup,
+    buckets,
+    fingerprint,
+    fingerprint_mismatch,
+    open_store,
+    probe_mismatch,
+    trainable_tensors,
+)
 
 
 def _member(rank: int, world: int, ports, queue) -> None:
@@ -24,7 +32,7 @@ def _member(rank: int, world: int, ports, queue) -> None:
         with torch.no_grad():
             for p in model[1].parameters():
                 p.zero_()
-    group.broadcast(trainable_tensors(model, names))
+    group.broadcast(trainable_tensors(model, names), bucket_numel=4)  # two buckets: weight (6 > 4), bias
     queue.put((rank, moved, {k: v.float().tolist() for k, v in model.state_dict().items()}))
 
 
@@ -59,3 +67,16 @@ def test_fingerprints_tell_a_stale_zeroed_or_renamed_tensor_from_round_off():
     assert flipped is not None and flipped.startswith("1 of 2 tensors differ: a.weight")
     renamed = fingerprint_mismatch(sent, fingerprint({"a.weight": state["a.weight"], "c.bias": state["b.bias"]}))
     assert renamed == "1 tensors missing ['b.bias'], 1 unexpected ['c.bias']"
+
+
+def test_buckets_hold_consecutive_tensors_up_to_the_limit():
+    assert buckets([3, 3, 2, 10, 1], 6) == [[0, 1], [2], [3], [4]]  # 10 > 6 travels alone
+    assert buckets([2, 2, 2], 100) == [[0, 1, 2]]  # a LoRA state: one collective
+    assert buckets([], 5) == []
+
+
+def test_probe_velocities_agree_to_round_off_or_are_named():
+    v = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert probe_mismatch(v, v * (1 + 1e-7), 1e-4) is None
+    message = probe_mismatch(v, v * 1.01, 1e-4)
+    assert message is not None and message.startswith("probe velocity differs by 0.01 (relative L2; tolerance 0.0001)")
