@@ -36,7 +36,9 @@ def used_in_bundles(group_id: str) -> dict[int, float]:
     return used
 
 
-@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+# 24 s each, mostly the actors' start: colocated in the default suite; disaggregated (what every other integration
+# test's groups do) in the slow one
+@pytest.mark.parametrize("mode", ["colocated", pytest.param("disaggregated", marks=pytest.mark.slow)])
 def test_roles_land_in_the_groups_the_mode_gives(ray_cluster, tiny_config, mode):
     config = tiny_config.model_copy(deep=True)
     config.cluster.placement = mode
