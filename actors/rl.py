@@ -211,7 +211,7 @@ class RlStage:
             seconds = publication.wait()
             # the probe needs theta_old unchanged since the publish: sync mode only (off_policy trains on)
             if self.sync.due_probe(version):
-                self.sync.probe(version)
+                self.ctx.scalars({"rollout/weight_probe_error": self.sync.probe(version)})
             return seconds
         previous, self.unresolved = self.unresolved, publication
         return previous.wait() if previous is not None else None

@@ -19,7 +19,7 @@ from actors.faults import FaultLog, RunAborted, wait_all
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
 from posterrl.config import Config
-from posterrl.weight_sync import probe_mismatch
+from posterrl.weight_sync import probe_error, probe_mismatch
 
 
 @dataclass
@@ -76,9 +76,10 @@ class WeightSync:
         elif method != "object_store":
             raise ValueError(f"rollout.weight_sync={method!r}: expected object_store or broadcast")
 
-    def probe(self, version: int) -> None:
+    def probe(self, version: int) -> float:
         """Every actor's policy output on the fixed probe input against rank 0's theta_old; a difference beyond
-        the tolerance stops the run. Call once the weights of `version` are in (after Publication.wait)."""
+        the tolerance stops the run, else the largest relative error is returned. Call once the weights of
+        `version` are in (after Publication.wait)."""
         live = self.rollouts.live()
         refs = [self.learners.ranks[0].sampling_probe.remote()] + [self.rollouts.actors[i].probe.remote() for i in live]
         expected, *outputs = wait_all(refs, self.timeout_s,
@@ -88,6 +89,7 @@ class WeightSync:
             if problem is not None:
                 raise RunAborted(f"weight sync of version {version}: rollout actor {actor}'s {problem}; stopping "
                                  "rather than sampling from a policy that is not the one trained")
+        return max((probe_error(expected, output) for output in outputs), default=0.0)
 
     def due_probe(self, version: int) -> bool:
         return self.probe_every > 0 and version % self.probe_every == 0

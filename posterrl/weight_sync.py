@@ -166,10 +166,15 @@ def probe_inputs(policy: Any) -> tuple[torch.Tensor, torch.Tensor, list[str], to
             [PROBE_INSTRUCTION], inputs.to(weight.device, weight.dtype))
 
 
+def probe_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    """Relative L2 distance of a probe velocity from the expected one."""
+    expected, got = expected.double().cpu(), got.double().cpu()
+    return float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+
+
 def probe_mismatch(expected: torch.Tensor, got: torch.Tensor, rel_tol: float) -> str | None:
     """None when two probe velocities agree within rel_tol in relative L2 norm, else the two norms and the error."""
-    expected, got = expected.double().cpu(), got.double().cpu()
-    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+    error = probe_error(expected, got)
     if error <= rel_tol:
         return None
     return f"probe velocity differs by {error:.3g} (relative L2; tolerance {rel_tol:g}): |v| {float(got.norm()):.6g} " \
