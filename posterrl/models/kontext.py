@@ -130,6 +130,25 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + b
 
 
+def pipeline_time_grid(scheduler_config: dict[str, Any], num_steps: int, image_seq_len: int,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas (S + 1,), timesteps (S,)) as FLUX.1 Kontext's and Qwen-Image-Edit's pipelines compute them: sigmas
+    linspace(1, 1/S, S), mu from the noisy token count and the scheduler config, then the scheduler's own
+    set_timesteps (its shift, Qwen's exponential one and shift_terminal included, and the terminal 0)."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    config = scheduler.config
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
+    return scheduler.sigmas, scheduler.timesteps
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
+    """x + (sigma_next - sigma) v, in float32 and cast back to v's dtype (FlowMatchEulerDiscreteScheduler.step)."""
+    return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
 class KontextEditModel(nn.Module):
     """FLUX.1 Kontext's transformer, VAE and text encoders behind the calls posterrl's stages make.
 
@@ -296,15 +315,8 @@ class KontextEditModel(nn.Module):
 
     def time_grid(self, num_steps: int, image_seq_len: int,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas (S + 1,), timesteps (S,)) as the pipeline computes them: sigmas linspace(1, 1/S, S), mu from
-        the noisy token count and the scheduler config, then the scheduler's own set_timesteps (shift, terminal 0)."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        config = scheduler.config
-        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
-        return scheduler.sigmas, scheduler.timesteps
+        """(sigmas (S + 1,), timesteps (S,)) as the pipeline computes them (`pipeline_time_grid`)."""
+        return pipeline_time_grid(self.scheduler_config, num_steps, image_seq_len, device)
 
     def initial_noise(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -314,11 +326,7 @@ class KontextEditModel(nn.Module):
                              dtype=dtype or self.dtype)
         return pack_latents(noise)
 
-    @staticmethod
-    def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
-                   sigma_next: torch.Tensor) -> torch.Tensor:
-        """x + (sigma_next - sigma) v, in float32 and cast back to v's dtype (FlowMatchEulerDiscreteScheduler.step)."""
-        return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
+    euler_step = staticmethod(euler_step)
 
     @torch.no_grad()
     def sample(self, prompt: PromptEmbeds, condition: ReferenceLatents | None, height: int, width: int,

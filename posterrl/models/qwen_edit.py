@@ -63,7 +63,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from posterrl.models.kontext import calculate_shift, pack_latents, unpack_latents
+from posterrl.models.kontext import euler_step, pack_latents, pipeline_time_grid, unpack_latents
 from posterrl.models.tiny_pipelines import qwen_prompt_template
 
 # The pipeline's condition area: the input image is scaled to about this many pixels, sides multiples of 32.
@@ -365,14 +365,8 @@ class QwenEditModel(nn.Module):
         """(sigmas (S + 1,), timesteps (S,)) as the pipeline computes them: sigmas linspace(1, 1/S, S), mu from
         the noisy token count (not the condition's) and the scheduler config, then the scheduler's own
         set_timesteps: Qwen's exponential shift e^mu / (e^mu + 1/s - 1), the grid stretched to end at
-        shift_terminal (0.02), and a terminal 0 appended."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        config = scheduler.config
-        mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
-        return scheduler.sigmas, scheduler.timesteps
+        shift_terminal (0.02), and a terminal 0 appended (`pipeline_time_grid`)."""
+        return pipeline_time_grid(self.scheduler_config, num_steps, image_seq_len, device)
 
     def initial_noise(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -382,11 +376,7 @@ class QwenEditModel(nn.Module):
                              dtype=dtype or self.dtype)
         return pack_latents(noise[:, 0])  # the frame axis is 1, so (B, 1, C, h, w) reads as (B, C, h, w)
 
-    @staticmethod
-    def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
-                   sigma_next: torch.Tensor) -> torch.Tensor:
-        """x + (sigma_next - sigma) v, in float32 and cast back to v's dtype (FlowMatchEulerDiscreteScheduler.step)."""
-        return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)
+    euler_step = staticmethod(euler_step)
 
     @torch.no_grad()
     def sample(self, prompt: PromptEmbeds, condition: ReferenceLatents | None, height: int, width: int,
