@@ -130,6 +130,25 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + b
 
 
+def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """Latent rows and columns (even, for 2 x 2 packing) of an image of height x width pixels."""
+    multiple = vae_scale_factor * 2
+    return 2 * (height // multiple), 2 * (width // multiple)
+
+
+def token_grid(tokens: int, image_size: tuple[int, int] | None, vae_scale_factor: int) -> tuple[int, int]:
+    """(rows, cols) of packed tokens of the generated image: from image_size (H, W) px, or square from the count;
+    a count that does not fit the size is an error."""
+    if image_size is None:
+        side = int(round(tokens**0.5))
+        rows, cols = side, side
+    else:
+        rows, cols = (n // 2 for n in latent_grid(*image_size, vae_scale_factor))
+    if rows * cols != tokens:
+        raise ValueError(f"latents hold {tokens} tokens, a {rows} x {cols} grid expected from image_size")
+    return rows, cols
+
+
 def pipeline_time_grid(scheduler_config: dict[str, Any], num_steps: int, image_seq_len: int,
                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas (S + 1,), timesteps (S,)) as FLUX.1 Kontext's and Qwen-Image-Edit's pipelines compute them: sigmas
@@ -264,9 +283,7 @@ class KontextEditModel(nn.Module):
     # ------------------------------------------------------------------ the velocity
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
-        """Latent rows and columns (even) of an image of height x width pixels."""
-        multiple = self.vae_scale_factor * 2
-        return 2 * (height // multiple), 2 * (width // multiple)
+        return latent_grid(height, width, self.vae_scale_factor)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
                  condition: ReferenceLatents | None, guidance: float | torch.Tensor = DEFAULT_GUIDANCE,
@@ -282,13 +299,7 @@ class KontextEditModel(nn.Module):
         returns        (B, T, 64)
         """
         b, tokens = latents.shape[:2]
-        if image_size is None:
-            side = int(round(tokens**0.5))
-            rows, cols = side, side
-        else:
-            rows, cols = (n // 2 for n in self._grid(*image_size))
-        if rows * cols != tokens:
-            raise ValueError(f"latents hold {tokens} tokens, a {rows} x {cols} grid expected from image_size")
+        rows, cols = token_grid(tokens, image_size, self.vae_scale_factor)
         ids = latent_ids(rows, cols, 0, latents.device, prompt_embeds.dtype)  # (T, 3)
         hidden = latents
         if condition is not None:

@@ -63,7 +63,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from posterrl.models.kontext import euler_step, pack_latents, pipeline_time_grid, unpack_latents
+from posterrl.models.kontext import (
+    euler_step,
+    latent_grid,
+    pack_latents,
+    pipeline_time_grid,
+    token_grid,
+    unpack_latents,
+)
 from posterrl.models.tiny_pipelines import qwen_prompt_template
 
 # The pipeline's condition area: the input image is scaled to about this many pixels, sides multiples of 32.
@@ -313,9 +320,7 @@ class QwenEditModel(nn.Module):
     # ------------------------------------------------------------------ the velocity
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
-        """Latent rows and columns (even) of an image of height x width pixels."""
-        multiple = self.vae_scale_factor * 2
-        return 2 * (height // multiple), 2 * (width // multiple)
+        return latent_grid(height, width, self.vae_scale_factor)
 
     def img_shapes(self, batch: int, rows: int, cols: int,
                    condition: ReferenceLatents | None) -> list[list[tuple[int, int, int]]]:
@@ -337,13 +342,7 @@ class QwenEditModel(nn.Module):
         returns     (B, T, 64)
         """
         b, tokens = latents.shape[:2]
-        if image_size is None:
-            side = int(round(tokens**0.5))
-            rows, cols = side, side
-        else:
-            rows, cols = (n // 2 for n in self._grid(*image_size))
-        if rows * cols != tokens:
-            raise ValueError(f"latents hold {tokens} tokens, a {rows} x {cols} grid expected from image_size")
+        rows, cols = token_grid(tokens, image_size, self.vae_scale_factor)
         hidden = latents
         if condition is not None:
             hidden = torch.cat([latents, condition.tokens.to(latents.dtype)], dim=1)  # (B, T + Tc, 64)
