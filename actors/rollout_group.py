@@ -136,6 +136,9 @@ class RolloutActorGroup:
         self.dead: set[int] = set()  # actors out of restarts
         self.restarting: set[int] = set()  # actors a call found unavailable, until they answer again
         self.pids: list[int | None] = [None] * rc.num_actors
+        # Each actor's first process, asked before any chunk: an actor killed before it ever answered a chunk
+        # still shows its restart by answering from another process.
+        self.first_pids = [actor.pid.remote() for actor in self.actors]
         # The last weights published through the object store, and their version: what chunks carry.
         self.current: tuple[ray.ObjectRef | None, int] = (None, 0)
 
@@ -293,10 +296,18 @@ class RolloutActorGroup:
 
     def note_pid(self, actor: int, pid: int) -> bool:
         """Remember the process an actor answered from; True when it changed (Ray restarted the actor)."""
-        changed = self.pids[actor] is not None and self.pids[actor] != pid
+        known = self.pids[actor] if self.pids[actor] is not None else self.first_pid(actor)
+        changed = known is not None and known != pid
         self.pids[actor] = pid
         self.restarting.discard(actor)
         return changed
+
+    def first_pid(self, actor: int) -> int | None:
+        """The process the actor started in; None when that process died before it answered."""
+        try:
+            return ray.get(self.first_pids[actor], timeout=self.timeout_s)
+        except RayActorError:
+            return None
 
     def offload(self) -> None:
         """Colocated placement: every live actor moves its policy off the GPU until its next sampling (the learner
