@@ -41,16 +41,16 @@ class TargetLatents:
         self.directory = Path(directory)
         self.encoded = 0  # rows this process encoded (the rest were read back)
 
-    def __call__(self, policy: Policy, rows: Sequence[ManifestRow], targets: torch.Tensor) -> torch.Tensor:
-        """Targets (B, 3, R, R) of `rows`, on the policy's device and dtype -> latents (B, *latent_shape)."""
-        if policy.pixel_space:
-            return targets
+    def __call__(self, policy: Policy, rows: Sequence[ManifestRow], targets: torch.Tensor,
+                 inputs: torch.Tensor) -> torch.Tensor:
+        """Targets (B, 3, R, R) of `rows` and their inputs (B, N, 3, R, R), on the policy's device and dtype ->
+        latents (B, *latent_shape)."""
         folder = self.directory / cache_key(policy)
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / row_file(row) for row in rows]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         if missing:
-            fresh = policy.encode_images(targets[missing])  # (M, *latent_shape), one VAE call
+            fresh = policy.encode_images(targets[missing], inputs[missing])  # (M, *latent_shape), one VAE call
             for i, latent in zip(missing, fresh, strict=True):
                 temporary = paths[i].with_name(f"{paths[i].name}.{os.getpid()}.tmp")
                 save_file({"latent": latent.detach().float().cpu().contiguous()}, str(temporary))

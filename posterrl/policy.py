@@ -36,6 +36,7 @@ from posterrl.files import replace_dir, staging_dir
 from posterrl.flow import SamplerConfig, flow_sigmas
 
 SPEC_FILE = "posterrl_policy.json"
+MIN_SAMPLE_T = 0.02  # x0-predicting tiny policy: the smallest t its velocity divides by
 
 
 def quiet_model_libraries() -> None:
@@ -62,6 +63,9 @@ class PolicySpec:
     pretrained_path: str | None = None
     guidance: float | None = None
     lora: dict[str, Any] | None = None
+    input_concat: bool = False  # tiny_flux: the first input in the noisy tokens' channels (model.input_concat)
+    residual: bool = False  # tiny_flux: latents are output - first input (model.residual)
+    prediction: str = "velocity"  # tiny_flux: the transformer predicts v, or x0 (model.prediction)
 
     @property
     def tokens_per_image(self) -> int:
@@ -86,13 +90,15 @@ class Policy(Protocol):
 
     A policy is an nn.Module whose `forward(x_t, t, *prepared)` is the training-time velocity. It works on
     latents x of shape (B, *latent_shape): the canvases themselves for a pixel-space policy (`pixel_space`;
-    the tiny default), VAE latents for the released pipelines. Training targets enter through
-    `encode_images`, samples leave through `decode_latents`, and what a stage hands on or syncs is
+    the tiny default), their difference from the first input for the tiny policy with `model.residual`, VAE
+    latents for the released pipelines. Training targets enter through `encode_images`, samples leave through
+    `decode_latents` (both given the sample's input canvases), and what a stage hands on or syncs is
     `policy_state()`: every weight for a policy trained in full, the adapters only with LoRA.
     """
 
     spec: PolicySpec
-    pixel_space: bool
+    pixel_space: bool  # the latents are the canvases: rollouts need not carry them beside the images
+    cached_latents: bool  # encoding targets costs a model call (a VAE): sft/distill keep them on disk
 
     @property
     def latent_shape(self) -> tuple[int, ...]: ...
@@ -113,12 +119,14 @@ class Policy(Protocol):
         """The sigmas (S + 1,) from 1 down to 0 this policy samples on with `sampler`'s settings."""
         ...
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Canvases (B, 3, R, R) in [-1, 1] -> latents (B, *latent_shape); no gradients."""
+    def encode_images(self, images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Canvases (B, 3, R, R) in [-1, 1], made from input canvases (B, N, 3, R, R) -> latents
+        (B, *latent_shape); no gradients."""
         ...
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, *latent_shape) -> canvases (B, 3, R, R) in [-1, 1]."""
+    def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape) sampled for input canvases (B, N, 3, R, R) -> canvases (B, 3, R, R) in
+        [-1, 1]."""
         ...
 
     def policy_state(self) -> dict[str, torch.Tensor]:
@@ -185,7 +193,7 @@ def _image_ids(grid: int, index: int) -> torch.Tensor:
 class EditPolicy(nn.Module):
     """v_theta(x_t, t, condition) for poster edits in pixel space; `forward` is the training-time call."""
 
-    pixel_space = True  # the latents are the canvases: a sample is its own training target
+    cached_latents = False  # latents are canvases, or canvases minus the first input: nothing to cache
 
     # Buffers (register_buffer below), declared for the type checker: nn.Module types attributes as Tensor | Module.
     noisy_ids: torch.Tensor
@@ -198,6 +206,7 @@ class EditPolicy(nn.Module):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.spec = spec
+        self.pixel_space = not spec.residual  # else a sample's training target is its latents, kept with it
         grid = spec.resolution // spec.patch_size
         self.register_buffer("noisy_ids", _image_ids(grid, 0), persistent=False)  # (T, 3)
         self.register_buffer("txt_ids", torch.zeros(spec.max_text_length, 3), persistent=False)  # (L, 3)
@@ -217,6 +226,9 @@ class EditPolicy(nn.Module):
             max_text_length=model.text_encoder.max_length,
             max_inputs=model.max_inputs,
             sampler=SamplerConfig.from_rollout(rollout) if rollout else SamplerConfig(),
+            input_concat=model.input_concat,
+            residual=model.residual,
+            prediction=model.prediction,
         )
         te, tr = model.text_encoder, model.transformer
         with torch.random.fork_rng(devices=[]):
@@ -235,7 +247,8 @@ class EditPolicy(nn.Module):
             )
             transformer = FluxTransformer2DModel(
                 patch_size=1,  # patches are packed by the policy, as FluxPipeline packs 2x2 latents
-                in_channels=3 * model.patch_size**2,
+                in_channels=3 * model.patch_size**2 * (2 if model.input_concat else 1),
+                out_channels=3 * model.patch_size**2,
                 num_layers=tr.num_layers,
                 num_single_layers=tr.num_single_layers,
                 attention_head_dim=tr.attention_head_dim,
@@ -285,7 +298,11 @@ class EditPolicy(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """x_t (B, 3, R, R), t (B,) in [0, 1] -> predicted velocity eps - x0, (B, 3, R, R)."""
         noisy = self.pack(x_t)  # (B, T, C)
-        hidden = torch.cat([noisy, cond.ref_tokens], dim=1)  # (B, T + N*T, C)
+        refs = cond.ref_tokens  # (B, N*T, C)
+        if self.spec.input_concat:  # noisy token i carries input 0's token i; inputs fill the second half only
+            noisy = torch.cat([noisy, refs[:, : noisy.shape[1]]], dim=-1)  # (B, T, 2C)
+            refs = torch.cat([torch.zeros_like(refs), refs], dim=-1)  # (B, N*T, 2C)
+        hidden = torch.cat([noisy, refs], dim=1)  # (B, T + N*T, C or 2C)
         out = self.transformer(
             hidden_states=hidden,
             encoder_hidden_states=cond.text,
@@ -295,7 +312,13 @@ class EditPolicy(nn.Module):
             txt_ids=self.txt_ids,
             return_dict=False,
         )[0]  # (B, T + N*T, C)
-        return self.unpack(out[:, : noisy.shape[1]])  # (B, 3, R, R)
+        raw = self.unpack(out[:, : self.spec.tokens_per_image])  # (B, 3, R, R)
+        if self.spec.prediction == "velocity":
+            return raw
+        # x0-prediction: x_t = (1 - t) x0 + t eps gives v = eps - x0 = (x_t - x0) / t. Below MIN_SAMPLE_T (never a
+        # sampling time) the division is floored, so training at t -> 0 cannot blow the gradient up.
+        tb = t.to(raw.dtype).clamp(min=MIN_SAMPLE_T).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return (x_t - raw) / tb  # (B, 3, R, R)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -321,11 +344,12 @@ class EditPolicy(nn.Module):
     def time_grid(self, sampler: SamplerConfig) -> torch.Tensor:
         return flow_sigmas(sampler.num_steps, sampler.shift)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def encode_images(self, images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return images - inputs[:, 0] if self.spec.residual else images
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.clamp(-1.0, 1.0)
+    def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        canvases = latents + inputs[:, 0].to(latents) if self.spec.residual else latents
+        return canvases.clamp(-1.0, 1.0)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())

@@ -45,9 +45,11 @@ def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, devi
     assert batch.targets is not None, "training rows need targets"
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
     targets = batch.targets.to(device, dtype)  # (B, 3, R, R)
-    x0 = latents(policy, rows, targets) if latents is not None else policy.encode_images(targets)  # (B, *S)
+    inputs = batch.inputs.to(device, dtype)  # (B, N, 3, R, R)
+    x0 = (latents(policy, rows, targets, inputs) if latents is not None and policy.cached_latents
+          else policy.encode_images(targets, inputs))  # (B, *S)
     x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
-    prepared = policy.prepare(batch.instructions, batch.inputs.to(device, dtype))
+    prepared = policy.prepare(batch.instructions, inputs)
     v = engine(x_t, t, *prepared)  # (B, *S)
     return FlowForward(v, x0, eps, x_t, t, prepared, batch.tasks)
 

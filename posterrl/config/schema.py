@@ -83,6 +83,16 @@ class ModelConfig(_Section):
     resolution: int = Field(64, ge=16, le=2048)
     patch_size: int = Field(4, ge=1)
     max_inputs: int = Field(3, ge=1)  # reference images per sample
+    # tiny_flux: the first input's patch also rides in the channels of the noisy token at the same place
+    # (InstructPix2Pix-style), so keeping what the input shows is a per-token map rather than an attention lookup.
+    input_concat: bool = False
+    # tiny_flux: the flow runs on the difference between the output and the first input (zero where the edit keeps
+    # the input), so the noise at t = 1 is centred on the input rather than on mid-gray.
+    residual: bool = False
+    # tiny_flux: what the transformer's output is. velocity: v itself (FLUX). sample: the clean latents x0_hat,
+    # and v = (x_t - x0_hat) / t, so the sampler's last step returns the network's denoised output and no noise
+    # has to pass through the network (docs/ablation.md).
+    prediction: Literal["velocity", "sample"] = "velocity"
     seed: int = 0  # initialisation of a policy built from config
     transformer: TransformerConfig = Field(default_factory=TransformerConfig)
     # tiny_flux: the policy's own text encoder; flux_kontext reads text_encoder.max_length only (T5 tokens kept,

@@ -61,6 +61,13 @@ def model_problems(cfg: Config) -> list[str]:
     if m.kind == "tiny_flux" and m.lora.rank:
         problems.append(f"model.lora.rank={m.lora.rank}: LoRA applies to the released pipelines (model.kind "
                         "flux_kontext, qwen_image_edit); tiny_flux trains in full, set model.lora.rank=0")
+    for key in ("input_concat", "residual"):
+        if m.kind != "tiny_flux" and getattr(m, key):
+            problems.append(f"model.{key}=true: an option of the tiny pixel-space policy (model.kind tiny_flux); "
+                            f"{m.kind} keeps its pipeline's conditioning, set model.{key}=false")
+    if m.kind != "tiny_flux" and m.prediction != "velocity":
+        problems.append(f"model.prediction={m.prediction!r}: an option of the tiny pixel-space policy (model.kind "
+                        f"tiny_flux); {m.kind}'s transformer predicts the velocity, set model.prediction=velocity")
     if m.kind != "tiny_flux" and m.resolution % PIPELINE_TOKEN_PX:
         problems.append(f"model.resolution={m.resolution} must be a multiple of {PIPELINE_TOKEN_PX} for "
                         f"model.kind={m.kind!r} (an 8x VAE and 2 x 2 packed latents)")

@@ -44,6 +44,7 @@ class PipelinePolicy(nn.Module, ABC):
     `decode`) as a trainable posterrl policy. Subclasses name their classes and add the conditioning."""
 
     pixel_space = False
+    cached_latents = True
     MODEL: ClassVar[Any]  # the posterrl model class: from_pretrained(DIR) of the pipeline folder
     PIPELINE: ClassVar[Any]  # the diffusers pipeline class: its save_lora_weights writes the export
     TRANSFORMER: ClassVar[Any]  # the transformer class (full fine-tuning exports)
@@ -154,10 +155,10 @@ class PipelinePolicy(nn.Module, ABC):
         sigmas, _ = self.model.time_grid(sampler.num_steps, self.grid * self.grid)
         return sigmas.float().cpu()
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.encode_reference(images).tokens  # (B, T, 64)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         size = self.spec.resolution
         return self.model.decode(latents, size, size)
 

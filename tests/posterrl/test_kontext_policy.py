@@ -61,7 +61,7 @@ def test_lora_adapters_are_the_policy_state_and_the_only_trained_weights(kontext
 
     policy.train()
     inputs = canvases()
-    x0 = policy.encode_images(inputs[:, 0])  # (B, T, 64)
+    x0 = policy.encode_images(inputs[:, 0], inputs)  # (B, T, 64)
     assert x0.shape == (2, (SIZE // 16) ** 2, 64) == (2, *policy.latent_shape)
     base = {k: v.detach().clone() for k, v in policy.state_dict().items() if k not in state}
     adapters = {k: v.detach().clone() for k, v in state.items()}
@@ -146,7 +146,8 @@ def test_groups_sample_latents_for_training_and_images_for_rewards(kontext_dir):
     assert out.images.shape == (2, 3, 3, SIZE, SIZE) and out.latents is not None
     assert out.latents.shape == (2, 3, *policy.latent_shape)
     assert out.images.min() >= -1 and out.images.max() <= 1
-    assert torch.allclose(policy.decode_latents(out.latents[1]), out.images[1], atol=1e-5)  # batched convs differ
+    assert torch.allclose(policy.decode_latents(out.latents[1], canvases()[1:].expand(3, -1, -1, -1, -1)),
+                          out.images[1], atol=1e-5)  # batched convs differ
     # the pipeline's time grid: sigmas linspace(1, 1/S, S), shifted for the canvas' token count, then 0
     assert out.sigmas[0] == 1 and out.sigmas[-1] == 0 and len(out.sigmas) == 3
 
@@ -172,13 +173,14 @@ def test_target_latents_are_encoded_once_per_row_and_read_back(kontext_dir, tmp_
     write_manifest(written, tmp_path / "data" / "manifest.jsonl")
     rows = load_manifest(tmp_path / "data" / "manifest.jsonl", require_target=True).rows
     policy = build_policy(model_config(kontext_dir)).eval()
-    targets = collate(rows, SIZE).targets
+    batch = collate(rows, SIZE)
+    targets, inputs = batch.targets, batch.inputs
     cache = TargetLatents(tmp_path / "latents")
-    first = cache(policy, rows, targets)
-    assert cache.encoded == 2 and torch.equal(first, policy.encode_images(targets))
-    again = cache(policy, rows[::-1], targets.flip(0))  # read back, in any order
+    first = cache(policy, rows, targets, inputs)
+    assert cache.encoded == 2 and torch.equal(first, policy.encode_images(targets, inputs))
+    again = cache(policy, rows[::-1], targets.flip(0), inputs.flip(0))  # read back, in any order
     assert cache.encoded == 2 and torch.equal(again, first.flip(0))
     # another canvas (or base checkpoint) is another key: never another VAE's latents
     other = build_policy(model_config(kontext_dir, resolution=48)).eval()
-    cache(other, rows, collate(rows, 48).targets)
+    cache(other, rows, collate(rows, 48).targets, collate(rows, 48).inputs)
     assert cache.encoded == 4 and len(list((tmp_path / "latents").iterdir())) == 2

@@ -81,3 +81,65 @@ def test_real_model_kinds_are_refused_clearly(tiny_config):
     model = tiny_config.model.model_copy(update={"kind": "flux_kontext", "pretrained_path": "/x"})
     with pytest.raises(NotImplementedError, match="only 'tiny_flux'"):
         EditPolicy.from_config(model)
+
+
+def _variant(tiny_config, **update):
+    return EditPolicy.from_config(tiny_config.model.model_copy(update=update), tiny_config.rollout).eval()
+
+
+def test_residual_latents_are_the_difference_from_the_first_input(tiny_config):
+    policy = _variant(tiny_config, residual=True)
+    assert not policy.pixel_space  # rollouts carry the latents: a clamped canvas does not give them back
+    x_t, _, _, _, refs = _inputs(policy)
+    targets = x_t.clamp(-1, 1)
+    latents = policy.encode_images(targets, refs)
+    assert torch.equal(latents, targets - refs[:, 0])
+    assert not policy.encode_images(refs[:, 0], refs).any()  # "keep the input" is the zero latent
+    assert torch.allclose(policy.decode_latents(latents, refs), targets, atol=1e-6)
+    plain = _variant(tiny_config)
+    assert plain.pixel_space and torch.equal(plain.encode_images(targets, refs), targets)
+
+
+def test_input_concat_puts_the_first_input_in_the_noisy_tokens(tiny_config):
+    policy = _variant(tiny_config, input_concat=True)
+    c = 3 * policy.spec.patch_size**2
+    assert policy.transformer.x_embedder.in_features == 2 * c and policy.transformer.proj_out.out_features == c
+    x_t, t, ids, mask, refs = _inputs(policy)
+    captured = {}
+    hook = policy.transformer.x_embedder.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    with torch.no_grad():
+        v = policy(x_t, t, ids, mask, refs)
+    hook.remove()
+    hidden, tokens = captured["x"], policy.spec.tokens_per_image  # (B, T + N*T, 2C)
+    assert v.shape == x_t.shape
+    assert torch.equal(hidden[:, :tokens, :c], policy.pack(x_t))
+    assert torch.equal(hidden[:, :tokens, c:], policy.pack(refs[:, 0]))
+    assert not hidden[:, tokens:, :c].any()  # input tokens: their own pixels in the second half only
+    assert torch.equal(hidden[:, tokens : 2 * tokens, c:], policy.pack(refs[:, 0]))
+
+
+def test_sample_prediction_turns_the_output_into_a_velocity(tiny_config, tmp_path):
+    # Same seed, same weights: the transformer's output is v for one policy and x0_hat for the other.
+    velocity, sample = _variant(tiny_config), _variant(tiny_config, prediction="sample")
+    x_t, t, ids, mask, refs = _inputs(velocity)
+    t = torch.tensor([1.0, 0.5, 0.001])
+    with torch.no_grad():
+        raw = velocity(x_t, t, ids, mask, refs)
+        v = sample(x_t, t, ids, mask, refs)
+    expected = (x_t - raw) / t.clamp(min=0.02).view(-1, 1, 1, 1)
+    assert torch.allclose(v, expected, atol=1e-5)
+    # an Euler step from t to 0 lands on the network's x0_hat
+    assert torch.allclose(x_t[:2] - t[:2].view(-1, 1, 1, 1) * v[:2], raw[:2], atol=1e-5)
+    sample.save_pretrained(tmp_path / "p")
+    reloaded = EditPolicy.from_pretrained(tmp_path / "p")
+    assert reloaded.spec.prediction == "sample"
+    with torch.no_grad():
+        assert torch.equal(reloaded(x_t, t, ids, mask, refs), v)
+
+
+def test_tiny_options_are_refused_for_released_pipelines():
+    from posterrl.config import ConfigError, load_config
+
+    for option in ("model.residual=true", "model.input_concat=true", "model.prediction=sample"):
+        with pytest.raises(ConfigError, match=option.split("=")[0].replace(".", r"\.")):
+            load_config("configs/flux_kontext_tiny.yaml", [option])
