@@ -12,7 +12,7 @@ import numpy as np
 
 from actors.context import PipelineContext
 from actors.faults import ask_restartable
-from posterrl.data.gold import gold_metric
+from posterrl.data.gold import gold_metric, known_region_psnr
 from posterrl.data.manifest import ManifestRow
 from posterrl.images import labelled_grid
 from posterrl.models.samples import EditSample
@@ -41,15 +41,19 @@ def eval_rows(rows: list[ManifestRow], per_task: int, tasks: Sequence[str]) -> l
 
 @dataclass
 class Evaluation:
-    """Per task (and "mean"): the held-out gold metric, and the served reward when a reward server runs."""
+    """Per task (and "mean"): the held-out gold metric, and the served reward when a reward server runs; for
+    extending and filling, the PSNR of the known region against the input (posterrl.data.gold.known_region_psnr)."""
 
     gold: dict[str, float]
     reward: dict[str, float] = field(default_factory=dict)
+    known_psnr: dict[str, float] = field(default_factory=dict)
 
     def record(self, run: RunDir, label: str) -> None:
         run.record_gold(label, self.gold)
         if self.reward:
             run.record_reward(label, self.reward)
+        if self.known_psnr:
+            run.record_known_psnr(label, self.known_psnr)
 
 
 def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str, float]:
@@ -84,6 +88,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     groups = group.gather(chunks, f"eval {label}", ctx.faults)
 
     scores: dict[str, list[float]] = defaultdict(list)
+    known: dict[str, list[float]] = defaultdict(list)
     grid_rows: dict[str, list] = defaultdict(list)
     edits: list[EditSample] = []
     for row, rollout_group in zip(rows, groups, strict=True):
@@ -92,14 +97,18 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
         edits.append(EditSample(row.id, row.task, row.instruction, inputs, output, row.meta))
         gold = gold_metric(row.task, output, target, row.meta)
         scores[row.task].append(gold)
+        psnr = known_region_psnr(row.task, output, inputs[0], row.meta)
+        if psnr is not None:
+            known[row.task].append(psnr)
         grid_rows[row.task].append(([*inputs, output, target],
                                     [*(f"input {i}" for i in range(len(row.inputs))), f"out {gold:.2f}", "target"]))
     per_task = {t: float(np.mean(v)) for t, v in scores.items()}
     per_task["mean"] = float(np.mean([per_task[t] for t in scores]))
+    known_psnr = {t: float(np.mean(v)) for t, v in known.items()}
     reward = served_rewards(ctx, edits) if ctx.reward_available() else {}
 
     if ctx.writer is not None:
-        for metric, values in (("gold", per_task), ("reward", reward)):
+        for metric, values in (("gold", per_task), ("reward", reward), ("known_psnr", known_psnr)):
             for task, value in values.items():
                 tag = f"{tag_prefix}/{metric}_mean" if task == "mean" else f"{tag_prefix}/task/{task}/{metric}"
                 ctx.writer.add_scalar(tag, value, ctx.global_step)
@@ -110,7 +119,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
                 text = "\n\n".join(f"`{r.id}`: {r.instruction}" for r in rows if r.task == task)
                 ctx.writer.add_text(f"{tag_prefix}/{task}/instructions", text, ctx.global_step)
         ctx.writer.flush()
-    return Evaluation(per_task, reward)
+    return Evaluation(per_task, reward, known_psnr)
 
 
 # Row labels of the gold table for the stage whose export is evaluated.

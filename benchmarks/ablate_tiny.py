@@ -24,31 +24,13 @@ import torch
 from learner.losses import flow_matching_loss
 from posterrl.batch import bucket_by_num_inputs, collate
 from posterrl.config import load_config
-from posterrl.data.gold import gold_metric
+from posterrl.data.gold import gold_metric, known_region_psnr
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import REGIME, TASKS, generate_dataset
 from posterrl.flow import SamplerConfig
 from posterrl.images import labelled_grid, uncanvas
 from posterrl.policies import build_policy
 from rollout.sampler import group_noise, prompt_seed, sample
-
-
-def known_region_psnr(task: str, output: np.ndarray, first_input: np.ndarray, meta: dict) -> float | None:
-    """PSNR (dB, [0, 1] RGB) of the region the input already shows: outside the hole (filling), inside the crop
-    (extending); None for the other tasks."""
-    h, w = output.shape[:2]
-    if task == "filling":
-        x0, y0, x1, y1 = meta["mask_box"]
-        keep = np.ones((h, w), bool)
-        keep[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)] = False
-    elif task == "extending":
-        x0, y0, x1, y1 = meta["crop_box"]
-        keep = np.zeros((h, w), bool)
-        keep[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)] = True
-    else:
-        return None
-    mse = float(((output[keep] - first_input[keep]) ** 2).mean())
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 def batches(rows, batch_size: int, seed: int):
@@ -94,6 +76,8 @@ def main() -> None:
     parser.add_argument("--identity", action="store_true",
                         help="the copy test: every target is the first input (scored as PSNR against it)")
     parser.add_argument("--grid", default=None, help="write input / output / target of 3 rows per task to this PNG")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="only score the held-out targets and first inputs passed through the canvas, every task")
     parser.add_argument("--label", default="")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -102,6 +86,9 @@ def main() -> None:
     config = load_config(args.config, [*args.overrides, *(["model.residual=true"] if args.residual else [])])
     tasks = [t for t in TASKS if REGIME[t] == args.regime]
     resolution = config.model.resolution
+    if args.ceiling:
+        print_ceiling(config, args.n_val)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
@@ -167,6 +154,24 @@ def main() -> None:
             report(evaluate(model, val, resolution, sampler, args.identity, grid), tasks, sampler, args.identity)
 
 
+def print_ceiling(config, n_val: int) -> None:
+    """What a perfect output on the canvas scores: the target, and the first input, through the canvas."""
+    with tempfile.TemporaryDirectory() as tmp:
+        val = load_manifest(generate_dataset(tmp, n_val, seed=config.data.seed, split="val", start=1_000_000,
+                                             size=config.data.size, progress=False), require_target=True).rows
+        scores = defaultdict(lambda: ([], []))
+        for row in val:
+            b = collate([row], config.model.resolution)
+            target, first = row.load_target(), row.load_inputs()[0]
+            through = uncanvas(b.targets[0], b.output_aspects[0], target.size)
+            first_through = uncanvas(b.inputs[0, 0], (first.width, first.height), target.size)
+            scores[row.task][0].append(gold_metric(row.task, through, target, row.meta))
+            scores[row.task][1].append(gold_metric(row.task, first_through, target, row.meta))
+    print(f"canvas {config.model.resolution} px, {n_val} held-out posters")
+    for task, (target_scores, input_scores) in scores.items():
+        print(f"  {task:<16} target {np.mean(target_scores):.3f}  first input {np.mean(input_scores):.3f}")
+
+
 def evaluate(model, val, resolution: int, sampler: SamplerConfig, identity: bool, grid: str | None) -> dict:
     """Held-out gold, the input's gold and known-region PSNR per task (identity: canvas PSNR against the input)."""
     began = time.perf_counter()
@@ -188,8 +193,7 @@ def evaluate(model, val, resolution: int, sampler: SamplerConfig, identity: bool
             first = row.load_inputs()[0].resize(target.size)
             gold[row.task].append(gold_metric(row.task, out, target, row.meta))
             base[row.task].append(gold_metric(row.task, first, target, row.meta))
-            p = known_region_psnr(row.task, np.asarray(out, np.float32) / 255, np.asarray(first, np.float32) / 255,
-                                  row.meta)
+            p = known_region_psnr(row.task, out, first, row.meta)
             if p is not None:
                 psnr[row.task].append(p)
             if len(gold[row.task]) <= 3:

@@ -64,7 +64,7 @@ class PolicySpec:
     guidance: float | None = None
     lora: dict[str, Any] | None = None
     input_concat: bool = False  # tiny_flux: the first input in the noisy tokens' channels (model.input_concat)
-    residual: bool = False  # tiny_flux: latents are output - first input (model.residual)
+    residual: bool = False  # tiny_flux: latents of one-input samples are output - input (model.residual)
     prediction: str = "velocity"  # tiny_flux: the transformer predicts v, or x0 (model.prediction)
 
     @property
@@ -90,7 +90,7 @@ class Policy(Protocol):
 
     A policy is an nn.Module whose `forward(x_t, t, *prepared)` is the training-time velocity. It works on
     latents x of shape (B, *latent_shape): the canvases themselves for a pixel-space policy (`pixel_space`;
-    the tiny default), their difference from the first input for the tiny policy with `model.residual`, VAE
+    the tiny default), their difference from the input for one-input samples with `model.residual`, VAE
     latents for the released pipelines. Training targets enter through `encode_images`, samples leave through
     `decode_latents` (both given the sample's input canvases), and what a stage hands on or syncs is
     `policy_state()`: every weight for a policy trained in full, the adapters only with LoRA.
@@ -345,11 +345,17 @@ class EditPolicy(nn.Module):
         return flow_sigmas(sampler.num_steps, sampler.shift)
 
     def encode_images(self, images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return images - inputs[:, 0] if self.spec.residual else images
+        return images - self.residual_base(inputs).to(images)
 
     def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        canvases = latents + inputs[:, 0].to(latents) if self.spec.residual else latents
-        return canvases.clamp(-1.0, 1.0)
+        return (latents + self.residual_base(inputs).to(latents)).clamp(-1.0, 1.0)
+
+    def residual_base(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What the latents of samples with input canvases (B, N, 3, R, R) are measured from, (B, 3, R, R): the input
+        of a one-input edit with model.residual, else zero (the latents are the canvases)."""
+        if self.spec.residual and inputs.shape[1] == 1:
+            return inputs[:, 0]
+        return torch.zeros_like(inputs[:, 0])
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())

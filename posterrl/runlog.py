@@ -133,6 +133,10 @@ class RunDir:
         """One row of the learned-reward table: the served reward of the same held-out samples."""
         self._record_row("reward", label, per_task)
 
+    def record_known_psnr(self, label: str, per_task: dict[str, float]) -> None:
+        """One row of the preservation table: PSNR of the known region against the input (extending, filling)."""
+        self._record_row("known_region_psnr", label, per_task)
+
     def _record_row(self, table: str, label: str, per_task: dict[str, float]) -> None:
         summary = self.summary()
         summary.setdefault(table, {})[label] = per_task

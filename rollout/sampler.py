@@ -102,7 +102,8 @@ def sample_groups(policy: Policy, instructions: list[str], inputs: torch.Tensor,
     cond = policy.condition(*policy.prepare(instructions, inputs)).repeat_interleave(group_size)
     noise = group_noise(seeds, group_size, policy.latent_shape)  # (G*K, *latent_shape)
     latents = sample(policy, cond, noise, config)  # (G*K, *latent_shape)
-    images = policy.decode_latents(latents, inputs.repeat_interleave(group_size, 0).to(latents.device))  # (G*K, 3, R, R)
+    group_inputs = inputs.repeat_interleave(group_size, 0).to(latents.device)  # (G*K, N, 3, R, R)
+    images = policy.decode_latents(latents, group_inputs)  # (G*K, 3, R, R)
     g = len(seeds)
     return SampledGroups(
         images=images.reshape(g, group_size, *images.shape[1:]).cpu(),

@@ -86,8 +86,10 @@ class ModelConfig(_Section):
     # tiny_flux: the first input's patch also rides in the channels of the noisy token at the same place
     # (InstructPix2Pix-style), so keeping what the input shows is a per-token map rather than an attention lookup.
     input_concat: bool = False
-    # tiny_flux: the flow runs on the difference between the output and the first input (zero where the edit keeps
-    # the input), so the noise at t = 1 is centred on the input rather than on mid-gray.
+    # tiny_flux: an edit of one input image runs its flow on the difference between the output and that image (zero
+    # where the edit keeps it), so the noise at t = 1 is centred on the input rather than on mid-gray. Samples with
+    # several inputs compose a new poster from them and keep the plain canvas flow (docs/ablation.md: residual
+    # latents help the one-input tasks and ruin layout-driven).
     residual: bool = False
     # tiny_flux: what the transformer's output is. velocity: v itself (FLUX). sample: the clean latents x0_hat,
     # and v = (x_t - x0_hat) / t, so the sampler's last step returns the network's denoised output and no noise

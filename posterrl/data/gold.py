@@ -150,3 +150,22 @@ def gold_details(task: str, output: ImageLike, target: ImageLike, meta: dict) ->
 
 def gold_metric(task: str, output: ImageLike, target: ImageLike, meta: dict) -> float:
     return gold_details(task, output, target, meta)["gold"]
+
+
+# The tasks whose input shows part of the answer, and the meta box that says where (inside it, or outside it).
+KNOWN_REGION = {"extending": ("crop_box", True), "filling": ("mask_box", False)}
+
+
+def known_region_psnr(task: str, output: ImageLike, first_input: ImageLike, meta: dict) -> float | None:
+    """PSNR (dB, [0, 1] RGB, capped at 60) of the output against the input where the input already shows the
+    answer: inside the visible crop (extending), outside the hole (filling); None for the other tasks. The input
+    is compared at the output's size."""
+    if task not in KNOWN_REGION:
+        return None
+    key, inside = KNOWN_REGION[task]
+    reference = to_array(first_input)
+    cmp = _Comparison(_resized_to(output, *reference.shape[:2]), reference)
+    box = cmp.box_mask(meta[key])
+    mask = box if inside else 1.0 - box
+    mse = float((cmp.errors[0] * mask).sum() / max(float(mask.sum()), 1e-6))
+    return float(min(60.0, 10 * np.log10(1.0 / max(mse, 1e-6))))

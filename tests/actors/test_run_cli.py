@@ -77,6 +77,10 @@ def test_summary_has_stage_figures_and_gold_per_task(run_dir):
         gold = summary["gold"][row]
         assert set(gold) == {*TASKS, "mean"}
         assert all(0.0 <= v <= 1.0 for v in gold.values())
+    # preservation of what the input shows: every evaluated policy, extending and filling only
+    assert list(summary["known_region_psnr"]) == ROWS
+    assert all(set(row) == {"extending", "filling"} and all(0.0 < v <= 60.0 for v in row.values())
+               for row in summary["known_region_psnr"].values())
 
 
 def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
@@ -91,6 +95,7 @@ def test_tensorboard_has_gold_scalars_grids_and_text(run_dir):
     assert steps[:8] == list(range(1, 9)) and len(steps) == 8 + 2 and min(steps[8:]) > 12
     for task in TASKS:
         assert f"eval/task/{task}/gold" in tags["scalars"]
+        assert (f"eval/task/{task}/known_psnr" in tags["scalars"]) == (task in ("extending", "filling"))
         assert f"eval/{task}" in tags["images"]
         assert f"eval/{task}/instructions/text_summary" in tags["tensors"]
     image = acc.Images(f"eval/{TASKS[0]}")[0]
@@ -159,3 +164,16 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_ray_starts(tmp_path)
     assert proc.returncode == 2
     assert "no model_index.json" in proc.stdout and "FluxKontextPipeline" in proc.stdout
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_grids_script_puts_the_runs_last_eval_and_rollout_sheets_in_one_png(run_dir, tmp_path):
+    out = tmp_path / "grids.png"
+    proc = subprocess.run([sys.executable, "scripts/grids_from_run.py", str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    rollout_tags = [t for t in acc.Tags()["images"] if t.startswith("rollout/") and t.endswith("/group0")]
+    assert f"{out}: {len(TASKS) + len(rollout_tags)} grids" in proc.stdout
+    sheet = Image.open(out)
+    widest = max(acc.Images(f"eval/{task}")[-1].width for task in TASKS)
+    assert sheet.width >= widest and sheet.height > 3 * 20

@@ -117,3 +117,17 @@ def test_style_driven_rewards_the_style_statistics(one_of_each):
 def test_gold_rejects_unknown_tasks(one_of_each):
     with pytest.raises(ValueError, match="unknown task"):
         gold_metric("filing", one_of_each[0].target, one_of_each[0].target, one_of_each[0].meta)
+
+
+def test_known_region_psnr_reads_only_the_region_the_input_shows():
+    from posterrl.data.gold import known_region_psnr
+
+    first = np.full((8, 8, 3), 0.5, np.float32)
+    meta = {"crop_box": [0.0, 0.0, 0.5, 0.5], "mask_box": [0.0, 0.0, 0.5, 0.5]}
+    output = first + 0.1  # a uniform error of 0.1: MSE 0.01, so 20 dB
+    output[:4, :4] = 0.0  # garbage inside the top-left quarter
+    assert known_region_psnr("filling", output, first, meta) == pytest.approx(20.0, abs=1e-3)  # outside the hole
+    output = first.copy()
+    output[4:, :] = 1.0  # garbage outside the crop; the crop itself exact
+    assert known_region_psnr("extending", output, first, meta) == 60.0  # capped
+    assert known_region_psnr("rescaling", output, first, meta) is None

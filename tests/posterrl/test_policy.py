@@ -87,16 +87,20 @@ def _variant(tiny_config, **update):
     return EditPolicy.from_config(tiny_config.model.model_copy(update=update), tiny_config.rollout).eval()
 
 
-def test_residual_latents_are_the_difference_from_the_first_input(tiny_config):
+def test_residual_latents_of_one_input_edits_are_the_difference_from_it(tiny_config):
     policy = _variant(tiny_config, residual=True)
     assert not policy.pixel_space  # rollouts carry the latents: a clamped canvas does not give them back
-    x_t, _, _, _, refs = _inputs(policy)
+    x_t, _, _, _, refs = _inputs(policy, n_inputs=1)
     targets = x_t.clamp(-1, 1)
     latents = policy.encode_images(targets, refs)
     assert torch.equal(latents, targets - refs[:, 0])
     assert not policy.encode_images(refs[:, 0], refs).any()  # "keep the input" is the zero latent
     assert torch.allclose(policy.decode_latents(latents, refs), targets, atol=1e-6)
-    plain = _variant(tiny_config)
+    # several inputs: a composition, on the plain canvas flow
+    _, _, _, _, several = _inputs(policy, n_inputs=2)
+    assert torch.equal(policy.encode_images(targets, several), targets)
+    assert torch.equal(policy.decode_latents(x_t, several), x_t.clamp(-1, 1))
+    plain = _variant(tiny_config, residual=False)
     assert plain.pixel_space and torch.equal(plain.encode_images(targets, refs), targets)
 
 
@@ -120,7 +124,7 @@ def test_input_concat_puts_the_first_input_in_the_noisy_tokens(tiny_config):
 
 def test_sample_prediction_turns_the_output_into_a_velocity(tiny_config, tmp_path):
     # Same seed, same weights: the transformer's output is v for one policy and x0_hat for the other.
-    velocity, sample = _variant(tiny_config), _variant(tiny_config, prediction="sample")
+    velocity, sample = _variant(tiny_config, prediction="velocity"), _variant(tiny_config, prediction="sample")
     x_t, t, ids, mask, refs = _inputs(velocity)
     t = torch.tensor([1.0, 0.5, 0.001])
     with torch.no_grad():
