@@ -36,7 +36,7 @@ from posterrl.files import replace_dir, staging_dir
 from posterrl.flow import SamplerConfig, flow_sigmas
 
 SPEC_FILE = "posterrl_policy.json"
-MIN_SAMPLE_T = 0.02  # x0-predicting tiny policy: the smallest t its velocity divides by
+MIN_SAMPLE_T = 0.02  # x0-predicting tiny policy: the smallest t its velocity divides by (0.001 is on the grid)
 
 
 def quiet_model_libraries() -> None:
@@ -315,8 +315,9 @@ class EditPolicy(nn.Module):
         raw = self.unpack(out[:, : self.spec.tokens_per_image])  # (B, 3, R, R)
         if self.spec.prediction == "velocity":
             return raw
-        # x0-prediction: x_t = (1 - t) x0 + t eps gives v = eps - x0 = (x_t - x0) / t. Below MIN_SAMPLE_T (never a
-        # sampling time) the division is floored, so training at t -> 0 cannot blow the gradient up.
+        # x0-prediction: x_t = (1 - t) x0 + t eps gives v = eps - x0 = (x_t - x0) / t. Below MIN_SAMPLE_T the division
+        # is floored, so training at t -> 0 cannot blow the gradient up (v-loss weight 1/t^2); the scheduler's last
+        # sigma before 0 (0.001) then moves x only 1/20 of the way to x0_hat, a step of 0.001 either way.
         tb = t.to(raw.dtype).clamp(min=MIN_SAMPLE_T).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return (x_t - raw) / tb  # (B, 3, R, R)
 
