@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner.flow import mix
 from learner.losses import flow_matching_loss
 from posterrl.batch import bucket_by_num_inputs, collate
 from posterrl.config import load_config
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--decay", choices=["constant", "cosine"], default="constant", help="lr after warmup")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-val", type=int, default=16)
-    parser.add_argument("--timesteps", default="uniform")
+    parser.add_argument("--timesteps", choices=["uniform", "logit_normal"], default="uniform")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the sampled weights (0: none)")
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[8], help="evaluate with each")
     parser.add_argument("--solver", default="euler")
@@ -109,6 +110,7 @@ def main() -> None:
         policy = build_policy(config.model, config.rollout).train()
         ema = copy.deepcopy(policy).eval() if args.ema > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+
         def lr_factor(step: int) -> float:
             warm = min(1.0, (step + 1) / max(1, args.warmup))
             if args.decay == "cosine":
@@ -127,9 +129,8 @@ def main() -> None:
             x0 = policy.encode_images(torch.stack([cache[r.id][2] for r in rows]), inputs)
             t = timesteps(args.timesteps, len(rows), generator)
             eps = torch.randn(x0.shape, generator=generator)
-            tb = t.view(-1, 1, 1, 1)
-            x_t = (1 - tb) * x0 + tb * eps
-            loss, _ = flow_matching_loss(policy(x_t, t, *policy.prepare(instructions, inputs)[:2], inputs), x0, eps)
+            x_t = mix(x0, t, eps)  # (B, 3, R, R)
+            loss, _ = flow_matching_loss(policy(x_t, t, *policy.prepare(instructions, inputs)), x0, eps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)))

@@ -45,6 +45,8 @@ class TargetLatents:
                  inputs: torch.Tensor) -> torch.Tensor:
         """Targets (B, 3, R, R) of `rows` and their inputs (B, N, 3, R, R), on the policy's device and dtype ->
         latents (B, *latent_shape)."""
+        if not policy.cached_latents:  # arithmetic on canvases: cheaper than a file
+            return policy.encode_images(targets, inputs)
         folder = self.directory / cache_key(policy)
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / row_file(row) for row in rows]

@@ -346,17 +346,16 @@ class EditPolicy(nn.Module):
         return flow_sigmas(sampler.num_steps, sampler.shift)
 
     def encode_images(self, images: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return images - self.residual_base(inputs).to(images)
+        return images - inputs[:, 0].to(images) if self.is_residual(inputs) else images
 
     def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return (latents + self.residual_base(inputs).to(latents)).clamp(-1.0, 1.0)
+        canvases = latents + inputs[:, 0].to(latents) if self.is_residual(inputs) else latents
+        return canvases.clamp(-1.0, 1.0)
 
-    def residual_base(self, inputs: torch.Tensor) -> torch.Tensor:
-        """What the latents of samples with input canvases (B, N, 3, R, R) are measured from, (B, 3, R, R): the input
-        of a one-input edit with model.residual, else zero (the latents are the canvases)."""
-        if self.spec.residual and inputs.shape[1] == 1:
-            return inputs[:, 0]
-        return torch.zeros_like(inputs[:, 0])
+    def is_residual(self, inputs: torch.Tensor) -> bool:
+        """Whether samples with input canvases (B, N, 3, R, R) have residual latents (output - input): one-input
+        edits with model.residual; otherwise the latents are the canvases."""
+        return self.spec.residual and inputs.shape[1] == 1
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())

@@ -46,7 +46,7 @@ def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, devi
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
     targets = batch.targets.to(device, dtype)  # (B, 3, R, R)
     inputs = batch.inputs.to(device, dtype)  # (B, N, 3, R, R)
-    x0 = (latents(policy, rows, targets, inputs) if latents is not None and policy.cached_latents
+    x0 = (latents(policy, rows, targets, inputs) if latents is not None
           else policy.encode_images(targets, inputs))  # (B, *S)
     x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
     prepared = policy.prepare(batch.instructions, inputs)
