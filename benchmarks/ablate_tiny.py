@@ -59,7 +59,8 @@ def timesteps(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--regime", choices=["local", "global"], default="local")
+    parser.add_argument("--regime", choices=["local", "global", "all"], default="local",
+                        help="all: one model on the six tasks, as the distilled student")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--solver", default="euler")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--residual", action="store_true", help="model.residual=true")
+    parser.add_argument("--loss-weight", choices=["policy", "none"], default="policy",
+                        help="policy: Policy.loss_weight as the pipeline (t^2 where x0 is predicted); none: 1")
     parser.add_argument("--identity", action="store_true",
                         help="the copy test: every target is the first input (scored as PSNR against it)")
     parser.add_argument("--grid", default=None, help="write input / output / target of 3 rows per task to this PNG")
@@ -85,7 +88,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = load_config(args.config, [*args.overrides, *(["model.residual=true"] if args.residual else [])])
-    tasks = [t for t in TASKS if REGIME[t] == args.regime]
+    tasks = [t for t in TASKS if args.regime in ("all", REGIME[t])]
     resolution = config.model.resolution
     if args.ceiling:
         print_ceiling(config, args.n_val)
@@ -130,7 +133,9 @@ def main() -> None:
             t = timesteps(args.timesteps, len(rows), generator)
             eps = torch.randn(x0.shape, generator=generator)
             x_t = mix(x0, t, eps)  # (B, 3, R, R)
-            loss, _ = flow_matching_loss(policy(x_t, t, *policy.prepare(instructions, inputs)), x0, eps)
+            v = policy(x_t, t, *policy.prepare(instructions, inputs))  # (B, 3, R, R)
+            weight = policy.loss_weight(t, inputs) if args.loss_weight == "policy" else None  # (B,)
+            loss, _ = flow_matching_loss(v, x0, eps, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)))

@@ -11,27 +11,35 @@ import torch
 Stats = dict[str, float]
 
 
-def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """Rectified-flow / flow-matching regression onto the velocity eps - x0.
 
     Lipman et al. 2023, "Flow Matching for Generative Modeling", https://arxiv.org/abs/2210.02747;
     with x_t = (1 - t) x0 + t eps (Liu et al. 2023, https://arxiv.org/abs/2209.03003).
+    weight (B,), when given, scales each sample's error: an x0-predicting policy passes t^2
+    (`Policy.loss_weight`), which turns the velocity error (x0 - x0_hat) / t back into the x0 error.
     """
     target = eps - x0  # (B, C, H, W)
     per_sample = (v_pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)  # (B,)
     loss = per_sample.mean()  # ()
     return loss, {"loss": loss.item(), "fm_loss": loss.item()}
 
 
 def distillation_loss(v_student: torch.Tensor, v_expert: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                      lambda_expert: float) -> tuple[torch.Tensor, Stats]:
+                      lambda_expert: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """Task distillation (PosterOmni, https://arxiv.org/abs/2602.12127): flow matching on data plus
     lambda_E * ||v_student - v_expert||^2, v_expert from the expert that owns each sample's regime.
+    weight (B,) scales both terms per sample, as in flow_matching_loss.
     """
-    fm, _ = flow_matching_loss(v_student, x0, eps)  # ()
-    match = (v_student - v_expert.detach()).pow(2).flatten(1).mean(1).mean()  # ()
-    loss = fm + lambda_expert * match  # ()
-    return loss, {"loss": loss.item(), "fm_loss": fm.item(), "distill_loss": match.item()}
+    fm, _ = flow_matching_loss(v_student, x0, eps, weight)  # ()
+    match = (v_student - v_expert.detach()).pow(2).flatten(1).mean(1)  # (B,)
+    if weight is not None:
+        match = match * weight.to(match)  # (B,)
+    loss = fm + lambda_expert * match.mean()  # ()
+    return loss, {"loss": loss.item(), "fm_loss": fm.item(), "distill_loss": match.mean().item()}
 
 
 def pick_expert_velocity(v_local: torch.Tensor, v_global: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,12 @@ class Policy(Protocol):
         [-1, 1]."""
         ...
 
+    def loss_weight(self, t: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """(B,) weight of each sample's velocity regression at times t (B,) for input canvases (B, N, 3, R, R):
+        1 where the network predicts v; t^2 where it predicts x0, so the loss is the x0 error rather than that
+        error / t^2 (which lets the nearly clean samples near t = 0 dominate every step)."""
+        ...
+
     def policy_state(self) -> dict[str, torch.Tensor]:
         """The weights training changes, by state-dict key (what sync, checkpoints of theta_old and exports move)."""
         ...
@@ -313,7 +319,7 @@ class EditPolicy(nn.Module):
             return_dict=False,
         )[0]  # (B, T + N*T, C)
         raw = self.unpack(out[:, : self.spec.tokens_per_image])  # (B, 3, R, R)
-        if self.spec.prediction == "velocity":
+        if not self.predicts_sample(cond.ref_tokens.shape[1] // self.spec.tokens_per_image):
             return raw
         # x0-prediction: x_t = (1 - t) x0 + t eps gives v = eps - x0 = (x_t - x0) / t. Below MIN_SAMPLE_T the division
         # is floored, so training at t -> 0 cannot blow the gradient up (v-loss weight 1/t^2); the scheduler's last
@@ -351,6 +357,15 @@ class EditPolicy(nn.Module):
     def decode_latents(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         canvases = latents + inputs[:, 0].to(latents) if self.is_residual(inputs) else latents
         return canvases.clamp(-1.0, 1.0)
+
+    def loss_weight(self, t: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.predicts_sample(inputs.shape[1]):
+            return torch.ones_like(t)  # (B,)
+        return t.clamp(min=MIN_SAMPLE_T).pow(2)  # (B,) the same floor as the division in `velocity`
+
+    def predicts_sample(self, num_inputs: int) -> bool:
+        """Whether the transformer's output is x0_hat (else v) for samples with num_inputs input canvases."""
+        return self.spec.prediction == "sample" or (self.spec.prediction == "sample_for_edits" and num_inputs == 1)
 
     def is_residual(self, inputs: torch.Tensor) -> bool:
         """Whether samples with input canvases (B, N, 3, R, R) have residual latents (output - input): one-input

@@ -34,6 +34,7 @@ class FlowForward:
     t: torch.Tensor  # (B,)
     prepared: tuple[torch.Tensor, ...]  # the conditioning arguments of the forward (policy.prepare)
     tasks: list[str]
+    weight: torch.Tensor  # (B,) each row's loss weight (policy.loss_weight)
 
 
 def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
@@ -51,7 +52,7 @@ def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, devi
     x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
     prepared = policy.prepare(batch.instructions, inputs)
     v = engine(x_t, t, *prepared)  # (B, *S)
-    return FlowForward(v, x0, eps, x_t, t, prepared, batch.tasks)
+    return FlowForward(v, x0, eps, x_t, t, prepared, batch.tasks, policy.loss_weight(t, inputs))
 
 
 class SftTask(StatelessTask):
@@ -71,7 +72,7 @@ class SftTask(StatelessTask):
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
         f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator, self.latents)
-        return flow_matching_loss(f.v, f.x0, f.eps)
+        return flow_matching_loss(f.v, f.x0, f.eps, f.weight)
 
     def export(self, module: nn.Module, directory: str) -> None:
         export_policy(module, directory)
@@ -100,4 +101,4 @@ class DistillTask(SftTask):
         v_local = velocity_with(engine.module, self.experts["local"], f.x_t, f.t, *f.prepared)  # (B, *S)
         v_global = velocity_with(engine.module, self.experts["global"], f.x_t, f.t, *f.prepared)  # (B, *S)
         v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (B, *S)
-        return distillation_loss(f.v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert)
+        return distillation_loss(f.v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert, f.weight)

@@ -93,8 +93,10 @@ class ModelConfig(_Section):
     residual: bool = False
     # tiny_flux: what the transformer's output is. velocity: v itself (FLUX). sample: the clean latents x0_hat,
     # and v = (x_t - x0_hat) / t, so the sampler's last step returns the network's denoised output and no noise
-    # has to pass through the network (docs/ablation.md).
-    prediction: Literal["velocity", "sample"] = "velocity"
+    # has to pass through the network (docs/ablation.md). sample_for_edits: x0_hat for one-input edits (the samples
+    # `residual` applies to), v for compositions of several inputs, whose layout forms at high t where an x0 error
+    # weighs least. Wherever x0 is predicted, sft and distill regress it with weight t^2 (Policy.loss_weight).
+    prediction: Literal["velocity", "sample", "sample_for_edits"] = "velocity"
     seed: int = 0  # initialisation of a policy built from config
     transformer: TransformerConfig = Field(default_factory=TransformerConfig)
     # tiny_flux: the policy's own text encoder; flux_kontext reads text_encoder.max_length only (T5 tokens kept,

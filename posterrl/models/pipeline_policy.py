@@ -162,6 +162,9 @@ class PipelinePolicy(nn.Module, ABC):
         size = self.spec.resolution
         return self.model.decode(latents, size, size)
 
+    def loss_weight(self, t: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)  # (B,) the released transformers predict v
+
     def policy_state(self) -> dict[str, torch.Tensor]:
         state = self.state_dict()
         return {k: state[k] for k in self.state_keys}

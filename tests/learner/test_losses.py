@@ -35,6 +35,17 @@ def test_distillation_by_hand():
     assert v.grad.item() == pytest.approx(3.5)
 
 
+def test_weights_scale_each_sample_by_hand():
+    # Sample errors 4 and 1 (one value each). Weights [0.25, 2]: (0.25 * 4 + 2 * 1) / 2 = 1.5.
+    x0, eps = torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1)
+    v = torch.tensor([2.0, 1.0]).view(2, 1, 1, 1)
+    weight = torch.tensor([0.25, 2.0])
+    assert flow_matching_loss(v, x0, eps, weight)[0].item() == pytest.approx(1.5)
+    # match: v_expert 0 -> the same squares, weighted the same: 1.5 again; lambda 2 -> 1.5 + 3 = 4.5
+    loss, stats = distillation_loss(v, torch.zeros_like(v), x0, eps, 2.0, weight)
+    assert loss.item() == pytest.approx(4.5) and stats["distill_loss"] == pytest.approx(1.5)
+
+
 def test_distillation_with_zero_lambda_is_flow_matching():
     g = torch.Generator().manual_seed(0)
     x0, eps, v, ve = (torch.randn(3, 3, 4, 4, generator=g) for _ in range(4))

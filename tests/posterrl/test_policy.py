@@ -141,6 +141,23 @@ def test_sample_prediction_turns_the_output_into_a_velocity(tiny_config, tmp_pat
         assert torch.equal(reloaded(x_t, t, ids, mask, refs), v)
 
 
+def test_sample_prediction_for_edits_switches_per_number_of_inputs(tiny_config):
+    # sample_for_edits: x0_hat for one-input edits, v for compositions of several inputs; the loss weight
+    # follows (t^2 where x0 is predicted, so the loss is the x0 error; 1 elsewhere).
+    velocity = _variant(tiny_config, prediction="velocity")
+    edits = _variant(tiny_config, prediction="sample_for_edits")
+    t = torch.tensor([1.0, 0.5, 0.001])
+    for n_inputs, predicts_x0 in ((1, True), (2, False)):
+        x_t, _, ids, mask, refs = _inputs(velocity, n_inputs=n_inputs)
+        with torch.no_grad():
+            raw, v = velocity(x_t, t, ids, mask, refs), edits(x_t, t, ids, mask, refs)
+        expected = (x_t - raw) / t.clamp(min=0.02).view(-1, 1, 1, 1) if predicts_x0 else raw
+        assert torch.allclose(v, expected, atol=1e-5), n_inputs
+        weight = edits.loss_weight(t, refs)
+        assert torch.allclose(weight, torch.tensor([1.0, 0.25, 0.0004]) if predicts_x0 else torch.ones(3)), n_inputs
+    assert torch.equal(velocity.loss_weight(t, refs), torch.ones(3))
+
+
 def test_tiny_options_are_refused_for_released_pipelines():
     from posterrl.config import ConfigError, load_config
 
