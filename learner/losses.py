@@ -11,6 +11,14 @@ import torch
 Stats = dict[str, float]
 
 
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over samples of weight * (per-sample mean square error): (B, ...) twice, weight (B,) or None -> ()."""
+    per_sample = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)  # (B,)
+    return per_sample.mean()  # ()
+
+
 def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """Rectified-flow / flow-matching regression onto the velocity eps - x0.
@@ -21,10 +29,7 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor
     (`Policy.loss_weight`), which turns the velocity error (x0 - x0_hat) / t back into the x0 error.
     """
     target = eps - x0  # (B, C, H, W)
-    per_sample = (v_pred - target).pow(2).flatten(1).mean(1)  # (B,)
-    if weight is not None:
-        per_sample = per_sample * weight.to(per_sample)  # (B,)
-    loss = per_sample.mean()  # ()
+    loss = _weighted_mse(v_pred, target, weight)  # ()
     return loss, {"loss": loss.item(), "fm_loss": loss.item()}
 
 
@@ -35,11 +40,9 @@ def distillation_loss(v_student: torch.Tensor, v_expert: torch.Tensor, x0: torch
     weight (B,) scales both terms per sample, as in flow_matching_loss.
     """
     fm, _ = flow_matching_loss(v_student, x0, eps, weight)  # ()
-    match = (v_student - v_expert.detach()).pow(2).flatten(1).mean(1)  # (B,)
-    if weight is not None:
-        match = match * weight.to(match)  # (B,)
-    loss = fm + lambda_expert * match.mean()  # ()
-    return loss, {"loss": loss.item(), "fm_loss": fm.item(), "distill_loss": match.mean().item()}
+    match = _weighted_mse(v_student, v_expert.detach(), weight)  # ()
+    loss = fm + lambda_expert * match  # ()
+    return loss, {"loss": loss.item(), "fm_loss": fm.item(), "distill_loss": match.item()}
 
 
 def pick_expert_velocity(v_local: torch.Tensor, v_global: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
