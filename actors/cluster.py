@@ -58,6 +58,8 @@ def connect(config: Config, address: str | None = None, run_dir: str | Path | No
     """
     if ray.is_initialized():
         return False
+    # Local workers inherit this: transformers' import-time notices (a missing torchvision) would repeat per actor.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     address = address or config.cluster.address
     if address:
         refused = unreachable(address)

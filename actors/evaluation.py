@@ -94,7 +94,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     for row, rollout_group in zip(rows, groups, strict=True):
         target, inputs = row.require_target(), row.load_inputs()
         output = rollout_group.output_images(size=target.size)[0]
-        edits.append(EditSample(row.id, row.task, row.instruction, inputs, output, row.meta))
+        edits.append(EditSample(row.id, row.task, row.instruction, inputs, output, row.meta, target))
         gold = gold_metric(row.task, output, target, row.meta)
         scores[row.task].append(gold)
         psnr = known_region_psnr(row.task, output, inputs[0], row.meta)

@@ -60,7 +60,7 @@ def probe_samples(config: Config, n: int) -> list[EditSample]:
         for sample in build_samples(10_000 + index, config.data.seed, config.data.size, TASKS, split="probe"):
             assert sample.target is not None  # every task builder returns a target
             samples.append(EditSample(sample.id, sample.task, sample.instruction, sample.inputs, sample.target,
-                                      sample.meta))
+                                      sample.meta, sample.target))
         index += 1
     return samples[:n]
 

@@ -46,8 +46,8 @@ def output_size(row: ManifestRow, group: RolloutGroup) -> tuple[int, int]:
 
 def edit_samples(row: ManifestRow, group: RolloutGroup) -> list[EditSample]:
     """The K samples of a group as the scorers see them: images at the output size, with the row's inputs and meta."""
-    inputs = row.load_inputs()
-    return [EditSample(row.id, row.task, row.instruction, inputs, image, row.meta)
+    inputs, target = row.load_inputs(), row.load_target()
+    return [EditSample(row.id, row.task, row.instruction, inputs, image, row.meta, target)
             for image in group.output_images(size=output_size(row, group))]
 
 

@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the sampled weights (0: none)")
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[8], help="evaluate with each")
     parser.add_argument("--solver", default="euler")
+    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
+                        help="also evaluate after these steps (a learning curve from one run; constant lr)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--residual", action="store_true", help="model.residual=true")
     parser.add_argument("--loss-weight", choices=["policy", "none"], default="policy",
@@ -124,8 +126,17 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         draw = batches(train, args.batch, seed=0)
         began = time.perf_counter()
-        losses, gnorms = [], []
-        for _ in range(args.steps):
+        losses, gnorms, eval_s = [], [], 0.0
+        for step in range(args.steps):
+            if step in args.eval_at:
+                paused = time.perf_counter()
+                print(f"  after {step} steps ({paused - began - eval_s:.0f} s of training)")
+                for steps in args.sample_steps:
+                    sampler = SamplerConfig(args.solver, steps, config.rollout.shift)
+                    report(evaluate((ema or policy).eval(), val, resolution, sampler, args.identity, None), tasks,
+                           sampler, args.identity)
+                policy.train()
+                eval_s += time.perf_counter() - paused
             rows = next(draw)
             instructions = [cache[r.id][0] for r in rows]
             inputs = torch.stack([cache[r.id][1] for r in rows])
@@ -146,7 +157,7 @@ def main() -> None:
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), policy.parameters(), strict=True):
                         pe.lerp_(p, 1 - args.ema)
-        train_s = time.perf_counter() - began
+        train_s = time.perf_counter() - began - eval_s
 
         model = (ema or policy).eval()
         print(f"ablation {args.label or ' '.join(args.overrides) or 'default'} | regime {args.regime} | "

@@ -24,7 +24,7 @@ MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 PIPELINE_MODEL_KINDS: tuple[str, ...] = tuple(kind for kind in MODEL_KINDS if kind != "tiny_flux")
 
 # Reward scorers (reward.scorers[].kind; reward_server/registry.py maps each to its class).
-ScorerKind = Literal["bradley_terry", "vlm_judge", "preservation", "ocr_title"]
+ScorerKind = Literal["bradley_terry", "vlm_judge", "preservation", "ocr_title", "gold_oracle"]
 SCORER_KINDS: tuple[str, ...] = get_args(ScorerKind)
 
 # How a vlm_judge scorer runs its model (reward.scorers[].backend).

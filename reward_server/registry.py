@@ -98,6 +98,10 @@ def load_scorer(spec: ScorerSpec) -> Scorer:
         from reward_server.rules import OcrTitleScorer
 
         return OcrTitleScorer()
+    if spec.kind == "gold_oracle":
+        from reward_server.oracle import GoldOracleScorer
+
+        return GoldOracleScorer()
     raise RegistryError(f"scorer {spec.name!r}: unknown kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
 
 

@@ -34,7 +34,7 @@ class ScoreBatch:
 class Scorer(Protocol):
     """A reward: a pure function of a batch of edits, loaded once, called many times."""
 
-    kind: str  # the config kind: bradley_terry, vlm_judge, preservation, ocr_title
+    kind: str  # the config kind: bradley_terry, vlm_judge, preservation, ocr_title, gold_oracle
     score_range: tuple[float, float]  # closed range of finite scores (-inf/inf for unbounded)
 
     def score(self, samples: Sequence[EditSample]) -> ScoreBatch: ...

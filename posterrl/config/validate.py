@@ -152,7 +152,7 @@ def cluster_problems(cfg: Config) -> list[str]:
 # A scorer's name is a registry key, part of metric names (reward/<name>/...) and of paths.
 SCORER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # Kinds that load no model: path, backend and url mean nothing to them.
-RULE_KINDS = ("preservation", "ocr_title")
+RULE_KINDS = ("preservation", "ocr_title", "gold_oracle")
 
 
 def scorer_value_problems(name: str, kind: str, weight: float, url: str | None, flag: str = "") -> list[str]:

@@ -21,6 +21,9 @@ class EditSample:
     inputs: list[Image.Image]  # the edit's input images, as the policy received them (1..max_inputs)
     output: Image.Image  # the edited poster at its output size
     meta: dict = field(default_factory=dict)  # the manifest row's meta: poster title, crop/mask boxes, ...
+    # The row's target when it has one. Only the gold_oracle scorer reads it; every other scorer judges the
+    # edit from what the policy was given.
+    target: Image.Image | None = None
 
 
 
