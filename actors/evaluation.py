@@ -122,6 +122,22 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
     return Evaluation(per_task, reward, known_psnr)
 
 
+BASELINE_LABEL = "unedited input"  # the gold table's first row: the trivial edit every trained row must beat
+
+
+def unedited_input_gold(ctx: PipelineContext) -> Evaluation:
+    """The trivial baseline on the prompts `evaluate` samples: each row's first input, resized to the target's
+    size, as the output (docs/gold_metrics.md's "unedited input")."""
+    rows = eval_rows(ctx.rows["val"], ctx.config.rollout.eval_per_task, list(ctx.config.data.tasks))
+    scores: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        target = row.require_target()
+        scores[row.task].append(gold_metric(row.task, row.load_inputs()[0].resize(target.size), target, row.meta))
+    per_task = {t: float(np.mean(v)) for t, v in scores.items()}
+    per_task["mean"] = float(np.mean([per_task[t] for t in scores]))
+    return Evaluation(per_task)
+
+
 # Row labels of the gold table for the stage whose export is evaluated.
 POLICY_LABELS = {"distill": "student", "rl": "after RL"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.context import PipelineContext
-from actors.evaluation import evaluate
+from actors.evaluation import BASELINE_LABEL, evaluate, unedited_input_gold
 from learner.data import BatchPlan
 from posterrl.checkpoints import latest_checkpoint
 from posterrl.config import ConfigError, DistillConfig, SftConfig
@@ -22,11 +22,11 @@ LATENT_DIR = "latents"  # <run>/latents/: a latent-space policy's target latents
 
 
 def train_policy(ctx: PipelineContext, name: str, rows: list[ManifestRow], task: str,
-                 stage: SftConfig | DistillConfig, task_inputs: dict[str, Any], export_dir: Path,
+                 stage: SftConfig | DistillConfig, steps: int, task_inputs: dict[str, Any], export_dir: Path,
                  eval_tasks: Sequence[str]) -> dict[str, Any]:
-    """Run learner task `task` (started with `task_inputs`) for the stage section's `steps` (its batch size,
-    evaluation and checkpoint intervals too), evaluating, checkpointing, then exporting to export_dir."""
-    lc, steps = ctx.config.learner, stage.steps
+    """Run learner task `task` (started with `task_inputs`) for `steps` with the stage section's batch size,
+    evaluation and checkpoint intervals, evaluating, checkpointing, then exporting to export_dir."""
+    lc = ctx.config.learner
     group = ctx.learner_group()
     group.start(task, lc.seed, **task_inputs)
     checkpoint_dir = ctx.run.checkpoints / "deepspeed" / name
@@ -66,6 +66,8 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
     """One expert per regime (local editing, global creation), each from the config's initial weights."""
     cfg = ctx.config
     rows = ctx.train_rows()
+    if BASELINE_LABEL not in ctx.run.summary().get("gold", {}):
+        unedited_input_gold(ctx).record(ctx.run, BASELINE_LABEL)
     if "untrained" not in ctx.run.summary().get("gold", {}):
         untrained = build_policy(cfg.model, cfg.rollout).policy_state()
         evaluate(ctx, untrained, "untrained").record(ctx.run, "untrained")
@@ -80,7 +82,7 @@ def run_sft(ctx: PipelineContext) -> dict[str, Any]:
         regime_tasks = [t for t in cfg.data.tasks if REGIME[t] == regime]
         if not regime_rows:
             raise ConfigError(f"sft: no training rows of the {regime} regime (data.tasks={cfg.data.tasks})")
-        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft,
+        figures[regime] = train_policy(ctx, f"sft_{regime}", regime_rows, "sft", cfg.sft, cfg.sft.steps_for(regime),
                                        {"latent_cache": str(ctx.run.root / LATENT_DIR)}, export_dir, regime_tasks)
         evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), label)
         evaluation.record(ctx.run, label)
@@ -107,8 +109,8 @@ def run_distill(ctx: PipelineContext) -> dict[str, Any]:
     export_dir = ctx.run.stage_checkpoint("distill")
     init = experts[cfg.distill.init] if cfg.distill.init != "config" else None
     inputs = {"expert_states": experts, "init_state": init, "latent_cache": str(ctx.run.root / LATENT_DIR)}
-    figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill, inputs, export_dir,
-                           list(cfg.data.tasks))
+    figures = train_policy(ctx, "distill", ctx.train_rows(), "distill", cfg.distill, cfg.distill.steps, inputs,
+                           export_dir, list(cfg.data.tasks))
     evaluation = evaluate(ctx, load_policy(export_dir).policy_state(), "student")
     evaluation.record(ctx.run, "student")
     figures["gold"] = evaluation.gold

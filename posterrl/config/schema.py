@@ -191,10 +191,19 @@ class SftConfig(_Section):
     """The `sft` stage: one expert per regime (local editing, global creation), flow matching on data."""
 
     steps: int = Field(200, ge=1)  # per expert
+    # One regime's own number of steps (None: `steps`); the local tasks keep gaining long after the global ones
+    # stop paying for their time (docs/ablation.md).
+    local_steps: int | None = Field(None, ge=1)
+    global_steps: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(8, ge=1)  # global, across ranks and accumulation (micro batches: learner.*)
     eval_every: int = Field(100, ge=1)  # steps between held-out gold evaluations
     checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints (resume with --resume)
+
+    def steps_for(self, regime: str) -> int:
+        """Optimizer steps of the expert of `regime` (local or global)."""
+        own = {"local": self.local_steps, "global": self.global_steps}[regime]
+        return self.steps if own is None else own
 
 
 class DistillConfig(_Section):

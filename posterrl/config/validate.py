@@ -355,7 +355,8 @@ def derived_sizes(cfg: Config) -> dict[str, Any]:
         "eval prompts": cfg.rollout.eval_per_task * n_tasks,
         "image tokens per canvas": tokens_per_image,
         "max sequence (text + output + inputs)": m.text_encoder.max_length + tokens_per_image * (1 + m.max_inputs),
-        "sft optimizer steps (per expert, 2 experts)": cfg.sft.steps,
+        "sft optimizer steps (local expert, global expert)": f"{cfg.sft.steps_for('local')}, "
+                                                             f"{cfg.sft.steps_for('global')}",
         "sft gradient accumulation steps": cfg.sft.batch_size // per_step,
         "distill optimizer steps": cfg.distill.steps,
         "distill gradient accumulation steps": cfg.distill.batch_size // per_step,

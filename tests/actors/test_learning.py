@@ -1,4 +1,4 @@
-"""The tiny default learns: the whole `posterrl run configs/tiny.yaml` (about 30 minutes on 2 cores).
+"""The tiny default learns: the whole `posterrl run configs/tiny.yaml` (about 24 minutes on 2 cores).
 
 Marked slow: .ci/run runs it after the default suite when CI time allows.
 """
@@ -25,8 +25,13 @@ def test_experts_beat_untrained_student_keeps_up_and_rl_improves_the_gold_metric
                            "--run-dir", str(run)], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
+    print(json.dumps(summary["gold"], indent=1))
+    check_learning(summary)
+
+
+def check_learning(summary: dict) -> None:
+    """The relations a finished tiny-default run must show (a function, so a run made by hand can be checked)."""
     gold = summary["gold"]
-    print(json.dumps(gold, indent=1))
     for regime, expert in (("local", "local expert"), ("global", "global expert")):
         untrained, trained = regime_mean(gold["untrained"], regime), regime_mean(gold[expert], regime)
         # Well clear of the untrained model on its own tasks. (Not a multiple of it: with residual latents the
@@ -42,6 +47,12 @@ def test_experts_beat_untrained_student_keeps_up_and_rl_improves_the_gold_metric
     assert psnr["after RL"]["filling"] >= 20.0, psnr
     for task in ("extending", "filling"):
         assert psnr["after RL"][task] >= psnr["untrained"][task] + 3.0, psnr
+
+    # Extending and filling beat the trivial edit, returning the input unchanged, on the same held-out prompts
+    # (seed 0: student 0.229 / 0.250 against 0.211 / 0.225). Rescaling (0.24 against 0.35) and style-driven
+    # (0.16 against 0.22) do not yet: docs/ablation.md says what they would take.
+    for task in ("extending", "filling"):
+        assert gold["after RL"][task] > gold["unedited input"][task], (task, gold["after RL"], gold["unedited input"])
 
     # RL: the held-out gold metric beats the distilled student overall and on at least 3 of the 6 tasks (seed 0: 6;
     # seed 1: 3, the others down by <= 0.003), while the learned reward of the same samples rises (a reward that

@@ -66,7 +66,8 @@ def test_every_stage_ran_and_trained_the_adapters(run):
     run_dir, _ = run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["stages"]) == {"data", "sft", "distill", "reward", "rl", "eval"}
-    assert list(summary["gold"]) == ["untrained", "local expert", "global expert", "student", "after RL"]
+    assert list(summary["gold"]) == ["unedited input", "untrained", "local expert", "global expert", "student",
+                                     "after RL"]
     for export in EXPORTS:
         folder = run_dir / "checkpoints" / export
         spec = json.loads((folder / "posterrl_policy.json").read_text())

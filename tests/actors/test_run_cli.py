@@ -21,7 +21,7 @@ OVERRIDES = ["stages=[data,sft,distill,reward,rl,eval]", "reward_model.steps=4",
              "reward_model.difference_channels=true", "data.n_reward=1", "data.n_train=3", "data.n_val=2",
              "data.chunks=2", "rollout.eval_per_task=1", "rollout.num_steps=2", "sft.steps=3", "distill.steps=2",
              "sft.eval_every=2", "distill.eval_every=2", "sft.checkpoint_every=2", "distill.checkpoint_every=2",
-             "sft.batch_size=4", "distill.batch_size=4",
+             "sft.batch_size=4", "distill.batch_size=4", "sft.local_steps=null",
              "learner.micro_batch_size=2", "logging.progress=false", "rl.epochs=2", "rl.prompts_per_epoch=6",
              "rollout.group_size=2", "rl.batch_size=4"]
 ROWS = ["untrained", "local expert", "global expert", "student", "after RL"]
@@ -64,7 +64,7 @@ def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     assert summary["stages"]["data"]["train"]["per_task"] == {t: 3 for t in TASKS}
     assert summary["stages"]["sft"]["local"]["steps"] == 3
     assert summary["stages"]["distill"]["final"]["learner/distill_loss"] >= 0
-    assert list(summary["gold"]) == ROWS
+    assert list(summary["gold"]) == ["unedited input", *ROWS]
     reward = summary["stages"]["reward"]
     # (3 training + 1 reward-only posters) x 6 tasks, K = 2: one policy pair and one negative pair per prompt
     assert reward["train_pairs"] == {"policy": 24, "negative": 24, "manifest": 0}
@@ -73,7 +73,7 @@ def test_summary_has_stage_figures_and_gold_per_task(run_dir):
     # the final evaluation ran with the reward server up: the learned reward of the same samples
     assert set(summary["reward"]["student"]) == {*TASKS, "mean"}
     assert all(v == v for v in summary["reward"]["student"].values())
-    for row in ROWS:
+    for row in ["unedited input", *ROWS]:
         gold = summary["gold"][row]
         assert set(gold) == {*TASKS, "mean"}
         assert all(0.0 <= v <= 1.0 for v in gold.values())

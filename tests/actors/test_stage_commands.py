@@ -21,11 +21,11 @@ def posterrl(*args):
 @pytest.mark.slow  # 70 s; the default suite runs the stages in one `posterrl run` (test_run_cli.py)
 def test_sft_then_distill_as_separate_commands(tmp_path):
     run = tmp_path / "run"
-    proc = posterrl("sft", "configs/tiny.yaml", *SMALL, "sft.steps=2", "--run-dir", str(run))
+    proc = posterrl("sft", "configs/tiny.yaml", *SMALL, "sft.steps=2", "sft.local_steps=null", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] == ["data", "sft"]
-    assert list(summary["gold"]) == ["untrained", "local expert", "global expert"]
+    assert list(summary["gold"]) == ["unedited input", "untrained", "local expert", "global expert"]
 
     proc = posterrl("distill", "configs/tiny.yaml", *SMALL, "distill.steps=2", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -45,7 +45,7 @@ def test_distill_without_experts_says_what_is_missing(tmp_path):
 @pytest.mark.slow  # 80-90 s; the default suite resumes in test_rl.py (a killed run) and test_learner_group.py
 def test_resume_continues_a_killed_stage_from_its_checkpoint(tmp_path, killed_when):
     run = tmp_path / "run"
-    args = ["sft", "configs/tiny.yaml", *SMALL, "sft.steps=16", "sft.checkpoint_every=4",
+    args = ["sft", "configs/tiny.yaml", *SMALL, "sft.steps=16", "sft.local_steps=null", "sft.checkpoint_every=4",
             "--run-dir", str(run)]
     latest = run / "checkpoints" / "deepspeed" / "sft_local" / "latest.json"
     killed_when(args, latest)

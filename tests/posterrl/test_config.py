@@ -149,8 +149,8 @@ def test_stage_sections_cross_field_errors():
 
 def test_stage_sections_have_their_defaults():
     config = Config()
-    assert config.sft.model_dump() == {"steps": 200, "lr": 3e-4, "batch_size": 8, "eval_every": 100,
-                                       "checkpoint_every": 100}
+    assert config.sft.model_dump() == {"steps": 200, "local_steps": None, "global_steps": None, "lr": 3e-4,
+                                       "batch_size": 8, "eval_every": 100, "checkpoint_every": 100}
     assert config.distill.model_dump() == {"steps": 200, "lr": 3e-4, "batch_size": 8, "lambda_expert": 1.0,
                                            "init": "local", "eval_every": 100, "checkpoint_every": 100}
     assert set(config.learner.model_dump()) == {"num_ranks", "cpus_per_rank", "gpus_per_rank", "micro_batch_size",
@@ -424,3 +424,12 @@ def test_data_max_bad_fraction():
 def test_zero_stage_3_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"deepspeed.zero_stage=3 is not supported: posterrl keeps whole parameters"):
         load_config("configs/tiny.yaml", ["deepspeed.zero_stage=3"])
+
+
+def test_sft_steps_per_regime_default_to_steps():
+    config = load_config("configs/tiny.yaml", ["sft.steps=7", "sft.global_steps=3"])
+    assert (config.sft.steps_for("local"), config.sft.steps_for("global")) == (4800, 3)  # tiny.yaml sets local
+    config = load_config("configs/tiny.yaml", ["sft.steps=7", "sft.local_steps=null"])
+    assert (config.sft.steps_for("local"), config.sft.steps_for("global")) == (7, 7)
+    with pytest.raises(ConfigError, match="sft.local_steps"):
+        load_config("configs/tiny.yaml", ["sft.local_steps=0"])
