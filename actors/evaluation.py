@@ -56,6 +56,14 @@ class Evaluation:
             run.record_known_psnr(label, self.known_psnr)
 
 
+def task_means(values: dict[str, list[float]]) -> dict[str, float]:
+    """The mean per task, and over the tasks' means as "mean" (when there is any task)."""
+    means = {t: float(np.mean(v)) for t, v in values.items()}
+    if means:
+        means["mean"] = float(np.mean(list(means.values())))
+    return means
+
+
 def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str, float]:
     """Mean combined reward per task from the run's reward server (samples it drops are left out)."""
     server = ctx.reward_server()
@@ -65,10 +73,7 @@ def served_rewards(ctx: PipelineContext, samples: list[EditSample]) -> dict[str,
     for sample, result in zip(samples, results, strict=True):
         if result.reward is not None:
             per_task[sample.task].append(result.reward)
-    means = {t: float(np.mean(v)) for t, v in per_task.items()}
-    if means:
-        means["mean"] = float(np.mean(list(means.values())))
-    return means
+    return task_means(per_task)
 
 
 def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks: Sequence[str] | None = None,
@@ -102,8 +107,7 @@ def evaluate(ctx: PipelineContext, policy_state: dict | None, label: str, tasks:
             known[row.task].append(psnr)
         grid_rows[row.task].append(([*inputs, output, target],
                                     [*(f"input {i}" for i in range(len(row.inputs))), f"out {gold:.2f}", "target"]))
-    per_task = {t: float(np.mean(v)) for t, v in scores.items()}
-    per_task["mean"] = float(np.mean([per_task[t] for t in scores]))
+    per_task = task_means(scores)
     known_psnr = {t: float(np.mean(v)) for t, v in known.items()}
     reward = served_rewards(ctx, edits) if ctx.reward_available() else {}
 
@@ -133,9 +137,7 @@ def unedited_input_gold(ctx: PipelineContext) -> Evaluation:
     for row in rows:
         target = row.require_target()
         scores[row.task].append(gold_metric(row.task, row.load_inputs()[0].resize(target.size), target, row.meta))
-    per_task = {t: float(np.mean(v)) for t, v in scores.items()}
-    per_task["mean"] = float(np.mean([per_task[t] for t in scores]))
-    return Evaluation(per_task)
+    return Evaluation(task_means(scores))
 
 
 # Row labels of the gold table for the stage whose export is evaluated.
