@@ -264,6 +264,9 @@ class EditPolicy(nn.Module):
                 guidance_embeds=False,
                 axes_dims_rope=tuple(tr.axes_dims_rope),
             )
+            if model.zero_init_output:
+                nn.init.zeros_(transformer.proj_out.weight)
+                nn.init.zeros_(transformer.proj_out.bias)
         return cls(transformer, text_encoder, ByT5Tokenizer(), spec)
 
     # ------------------------------------------------------------------ tensors

@@ -97,6 +97,9 @@ class ModelConfig(_Section):
     # `residual` applies to), v for compositions of several inputs, whose layout forms at high t where an x0 error
     # weighs least. Wherever x0 is predicted, sft and distill regress it with weight t^2 (Policy.loss_weight).
     prediction: Literal["velocity", "sample", "sample_for_edits"] = "velocity"
+    # tiny_flux: the transformer's output projection starts at zero (DiT's adaLN-Zero convention), so an untrained
+    # residual x0-predicting policy returns its input exactly and training starts from "do nothing".
+    zero_init_output: bool = False
     seed: int = 0  # initialisation of a policy built from config
     transformer: TransformerConfig = Field(default_factory=TransformerConfig)
     # tiny_flux: the policy's own text encoder; flux_kontext reads text_encoder.max_length only (T5 tokens kept,
