@@ -24,6 +24,8 @@ class LearnerGroup:
         lc = config.learner
         self.gpus_per_rank = lc.gpus_per_rank
         self.timeout_s = config.cluster.call_timeout_s
+        # ZeRO-3 shards each parameter over the ranks: a forward or a read of whole weights is a collective
+        self.sharded = config.deepspeed.zero_stage == 3
         self.slots = slots or learner_slots(config)
         remote_learner = ray.remote(num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank)(Learner)
         self.ranks = [
@@ -61,8 +63,13 @@ class LearnerGroup:
         return self.call("train_step", ray.put(list(batch)))[0]
 
     def rank0(self, method: str, *args: Any) -> Any:
-        """A method that only rank 0 answers (no collective), e.g. the weights or a scoring pass."""
-        return self._wait([getattr(self.ranks[0], method).remote(*args)], method)[0]
+        """Rank 0's answer to a method every rank could give (the weights, a scoring pass): rank 0 alone runs it,
+        or under ZeRO-3 every rank, whose shards it gathers."""
+        return self._wait(self.rank0_refs(method, *args), method)[0]
+
+    def rank0_refs(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """The calls `rank0` waits for, rank 0's first (for callers that wait on them with others)."""
+        return [getattr(rank, method).remote(*args) for rank in (self.ranks if self.sharded else self.ranks[:1])]
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return self.rank0("policy_state")

@@ -81,9 +81,11 @@ class WeightSync:
         the tolerance stops the run, else the largest relative error is returned. Call once the weights of
         `version` are in (after Publication.wait)."""
         live = self.rollouts.live()
-        refs = [self.learners.ranks[0].sampling_probe.remote()] + [self.rollouts.actors[i].probe.remote() for i in live]
-        expected, *outputs = wait_all(refs, self.timeout_s,
-                                      ["learner rank 0 (probe)"] + [f"rollout actor {i} (probe)" for i in live])
+        learner_refs = self.learners.rank0_refs("sampling_probe")
+        refs = learner_refs + [self.rollouts.actors[i].probe.remote() for i in live]
+        answers = wait_all(refs, self.timeout_s, [f"learner rank {r} (probe)" for r in range(len(learner_refs))]
+                           + [f"rollout actor {i} (probe)" for i in live])
+        expected, outputs = answers[0], answers[len(learner_refs):]
         for actor, output in zip(live, outputs, strict=True):
             problem = probe_mismatch(expected, output, self.probe_tol)
             if problem is not None:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.distributed import deepspeed, deepspeed_config, dist, join_process_group, warmup_lambda
+from learner.distributed import deepspeed, deepspeed_config, dist, join_process_group, train_dtype, warmup_lambda
 from learner.safe_load import load_rng_state, save_rng_state, use_tensor_only_loads
 from learner.tasks import TASKS, NftTask, RewardModelTask, TaskState, TrainingTask
 from posterrl.checkpoints import LATEST_FILE, step_of, usable_checkpoint, write_checkpoint_manifest
 from posterrl.config import Config
 from posterrl.files import write_atomic
+from posterrl.models.pipeline_policy import PipelinePolicy
 from posterrl.models.samples import PreferencePair
 from posterrl.policy import quiet_model_libraries
 from posterrl.weight_sync import Fingerprint, fingerprint, open_store
@@ -51,8 +52,9 @@ class StepStats:
 class Learner:
     def __init__(self, config: dict, rank: int, world_size: int, num_threads: int | None = None):
         quiet_model_libraries()
-        # ZeRO-2 calls a collective that torch marks deprecated; the warning repeats every step.
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        # ZeRO-2 and ZeRO-3 call collectives that torch marks deprecated; the warnings repeat every step.
+        warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                                category=FutureWarning)
         self.config = Config.model_validate(config)
         self.rank, self.world_size = rank, world_size
         if num_threads:
@@ -85,7 +87,10 @@ class Learner:
         self.task_name, self.seed, self.step = task, seed, 0
         self.task = TASKS[task](self.config, self.device, seed, **inputs)
         model = self.task.build()
+        if self.zero3 and isinstance(model, PipelinePolicy):  # validation allows ZeRO-3 with LoRA policies only
+            model.keep_frozen_out_of_module(self.device, train_dtype(self.config))
         trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: adapters and head only
+        trainable_numel = sum(p.numel() for p in trainable)  # counted now: ZeRO-3 leaves each rank a shard
         lc = self.config.learner
         optimizer = torch.optim.AdamW(trainable, lr=self.task.lr, weight_decay=lc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(lc.warmup_steps))
@@ -93,7 +98,7 @@ class Learner:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         use_tensor_only_loads(self.engine)  # checkpoints load as tensors and plain data (learner/safe_load.py)
-        return sum(p.numel() for p in trainable)
+        return trainable_numel
 
     def train_step(self, batch: Sequence) -> StepStats:
         """One optimizer step on a global batch (rows, rl samples or pair indices, as the task takes them):
@@ -139,6 +144,15 @@ class Learner:
         return self.task
 
     @property
+    def zero3(self) -> bool:
+        return self.config.deepspeed.zero_stage == 3
+
+    def _whole_parameters(self) -> Any:
+        """Read whole parameters inside: under ZeRO-3 each rank holds a shard of each, gathered here (every rank
+        must enter); a no-op under ZeRO 0-2."""
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), enabled=self.zero3)
+
+    @property
     def module(self) -> torch.nn.Module:
         """The module being trained (the policy, or the reward model in the reward stage)."""
         return self.engine.module
@@ -146,7 +160,8 @@ class Learner:
     # ------------------------------------------------------------------ what only some tasks do
 
     def update_sampling_policy(self) -> float:
-        return self._require(NftTask).update_sampling_policy(self.module)
+        with self._whole_parameters():
+            return self._require(NftTask).update_sampling_policy(self.module)
 
     def sampling_weights(self) -> dict[str, np.ndarray]:
         return self._require(NftTask).sampling_weights()
@@ -184,13 +199,14 @@ class Learner:
 
     def parameter_checksum(self) -> float:
         """Sum of all trained parameters (tests compare it across ranks)."""
-        return _checksum(self.module)
+        with self._whole_parameters():
+            return _checksum(self.module)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The trained policy's policy_state() (all weights, or the adapters with LoRA) in fp32 on CPU (ZeRO-2
-        keeps whole parameters on every rank)."""
-        state = self.module.policy_state()  # type: ignore[operator]
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        """The trained policy's policy_state() (all weights, or the adapters with LoRA) in fp32 on CPU."""
+        with self._whole_parameters():
+            state = self.module.policy_state()  # type: ignore[operator]
+            return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
     def save_checkpoint(self, directory: str, client_state: dict, keep_last: int = 2) -> str:
         """DeepSpeed checkpoint under directory/step_N; `latest.json` moves only once every rank is done.
@@ -237,8 +253,9 @@ class Learner:
     def export(self, directory: str) -> str:
         """What the stage hands on, written by rank 0: the trained policy in diffusers layout (in the rl
         stage theta_old, the policy the rollouts came from), or the reward model."""
-        if self.rank == 0:
-            self._running().export(self.module, directory)
+        with self._whole_parameters():
+            if self.rank == 0:
+                self._running().export(self.module, directory)
         dist.barrier()
         return directory
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from learner.distributed import deepspeed
 from posterrl import policies
 from posterrl.config import Config
 
@@ -78,11 +79,29 @@ def frozen_state(state: dict[str, torch.Tensor], device: torch.device, dtype: to
     return {k: v.detach().to(device, dtype).clone() for k, v in state.items()}
 
 
-def velocity_with(policy: nn.Module, state: dict[str, torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """The policy's forward with the tensors of `state` in place of its own (the others as they are), no graph."""
+def velocity_with(policy: nn.Module, state: dict[str, torch.Tensor], *args: torch.Tensor,
+                  partitioned: bool = False) -> torch.Tensor:
+    """The policy's forward with the tensors of `state` in place of its own (the others as they are), no graph.
+
+    `state`'s values are copied into the parameters for the call and the policy's own copied back after, rather
+    than swapped by torch.func.functional_call: under ZeRO-3 (`partitioned`) each rank holds a shard of every
+    parameter and DeepSpeed's hooks fetch them by their ZeRO attributes, so the copies go through gathered
+    parameters (deepspeed.zero.GatheredParameters, rank 0's values written back to every shard). Call it before
+    the trained forward of the same micro batch: its graph would otherwise hold tensors this overwrites.
+    """
+    parameters = list({id(p): p for p in (policy.get_parameter(k) for k in state)}.values())  # tied keys once
+    keys = {id(policy.get_parameter(k)): k for k in state}
     with torch.no_grad():
-        # tie_weights=False: a full state names both keys of a tied tensor (T5's embeddings) itself
-        return torch.func.functional_call(policy, state, args, tie_weights=False)
+        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0, enabled=partitioned):
+            own = [p.data.clone() for p in parameters]
+            for p in parameters:
+                p.data.copy_(state[keys[id(p)]])
+        try:
+            return policy(*args)
+        finally:
+            with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0, enabled=partitioned):
+                for p, data in zip(parameters, own, strict=True):
+                    p.data.copy_(data)
 
 
 def export_policy(policy: nn.Module, directory: str) -> None:

@@ -5,7 +5,7 @@ weight of a policy trained in full, the adapters only with LoRA): the sampling p
 use; soft-updated after each epoch, checkpointed as task state) and the reference the KL term anchors to (left
 out when rl.kl_coef is 0). Both run through theta's own layers with their tensors swapped in
 (`velocity_with`), so a LoRA policy's frozen base exists once, as DiffusionNFT keeps theta_old as a second
-adapter. Every rank holds the same theta_old: ZeRO-2 keeps whole parameters on each rank and the soft update
+adapter. Every rank holds the same theta_old: the soft update reads theta whole (gathered under ZeRO-3) and
 is deterministic, so no rank has to broadcast it.
 """
 
@@ -42,6 +42,7 @@ class NftTask:
         self.sampling_updates = 0  # soft updates of theta_old so far (eta's schedule counts them)
         self.checksum_keys: list[str] = []
         self.weight_group: BroadcastGroup | None = None  # rank 0 with rollout.weight_sync=broadcast
+        self.partitioned = config.deepspeed.zero_stage == 3  # ZeRO-3: theta's tensors are sharded over ranks
 
     def build(self) -> nn.Module:
         policy = build_policy(self.config, self.init_state)
@@ -60,7 +61,7 @@ class NftTask:
         layers with theta_old's tensors swapped in: what every rollout actor's policy must give after a sync."""
         x_t, t, instructions, inputs = probe_inputs(module)
         prepared = module.prepare(instructions, inputs)  # type: ignore[operator]
-        return velocity_with(module, self.sampling_state, x_t, t, *prepared).float().cpu()
+        return velocity_with(module, self.sampling_state, x_t, t, *prepared, partitioned=self.partitioned).float().cpu()
 
     def sampling_checksum(self) -> float:
         """Sum of theta_old's tensors, each tied tensor once (tests follow the soft update with it)."""
@@ -75,9 +76,11 @@ class NftTask:
         x0, inputs, r = x0.to(self.device, dtype), inputs.to(self.device, dtype), r.to(self.device)
         x_t, t, _ = draw_grid_flow_inputs(x0, self.time_grid, generator)  # (B, *S), (B,)
         prepared = policy.prepare(instructions, inputs)
+        # the frozen states' forwards before theta's: they overwrite theta's tensors for a moment (velocity_with)
+        v_old = velocity_with(policy, self.sampling_state, x_t, t, *prepared, partitioned=self.partitioned)
+        v_ref = (velocity_with(policy, self.reference, x_t, t, *prepared, partitioned=self.partitioned)
+                 if self.reference is not None else None)  # (B, *S) each
         v = engine(x_t, t, *prepared)  # (B, *S)
-        v_old = velocity_with(policy, self.sampling_state, x_t, t, *prepared)  # (B, *S)
-        v_ref = velocity_with(policy, self.reference, x_t, t, *prepared) if self.reference is not None else None
         return nft_loss(v, v_old, v_ref, x0, x_t, t, r, self.hyper)
 
     def update_sampling_policy(self, theta: nn.Module) -> float:

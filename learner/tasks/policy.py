@@ -23,11 +23,10 @@ from posterrl.policy import Policy
 
 
 @dataclass
-class FlowForward:
-    """The policy's velocity on one micro batch of B rows and what it was computed from (latents of shape
-    (B, *S): S = (3, R, R) for a pixel-space policy, the VAE's packed latents for a released one)."""
+class FlowInputs:
+    """One micro batch of B rows, noised: what the policy's velocity is computed from (latents of shape (B, *S):
+    S = (3, R, R) for a pixel-space policy, the VAE's packed latents for a released one)."""
 
-    v: torch.Tensor  # (B, *S) predicted velocity
     x0: torch.Tensor  # (B, *S) targets
     eps: torch.Tensor  # (B, *S) noise
     x_t: torch.Tensor  # (B, *S)
@@ -37,11 +36,9 @@ class FlowForward:
     weight: torch.Tensor  # (B,) each row's loss weight (policy.loss_weight)
 
 
-def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
-                 generator: torch.Generator, latents: TargetLatents | None = None) -> FlowForward:
-    """Collate rows, encode the targets (through the on-disk cache `latents` when given), draw (t, eps), run the
-    policy through the engine."""
-    policy: Policy = engine.module
+def flow_inputs(policy: Policy, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
+                generator: torch.Generator, latents: TargetLatents | None = None) -> FlowInputs:
+    """Collate rows, encode the targets (through the on-disk cache `latents` when given), draw (t, eps)."""
     batch = collate(rows, resolution)
     assert batch.targets is not None, "training rows need targets"
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
@@ -51,8 +48,7 @@ def flow_forward(engine: Any, rows: Sequence[ManifestRow], resolution: int, devi
           else policy.encode_images(targets, inputs))  # (B, *S)
     x_t, t, eps = draw_flow_inputs(x0, generator)  # (B, *S), (B,), (B, *S)
     prepared = policy.prepare(batch.instructions, inputs)
-    v = engine(x_t, t, *prepared)  # (B, *S)
-    return FlowForward(v, x0, eps, x_t, t, prepared, batch.tasks, policy.loss_weight(t, inputs))
+    return FlowInputs(x0, eps, x_t, t, prepared, batch.tasks, policy.loss_weight(t, inputs))
 
 
 class SftTask(StatelessTask):
@@ -71,8 +67,9 @@ class SftTask(StatelessTask):
 
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
-        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator, self.latents)
-        return flow_matching_loss(f.v, f.x0, f.eps, f.weight)
+        f = flow_inputs(engine.module, chunk, self.config.model.resolution, self.device, generator, self.latents)
+        v = engine(f.x_t, f.t, *f.prepared)  # (B, *S)
+        return flow_matching_loss(v, f.x0, f.eps, f.weight)
 
     def export(self, module: nn.Module, directory: str) -> None:
         export_policy(module, directory)
@@ -93,12 +90,16 @@ class DistillTask(SftTask):
         self.lr, self.batch_size = config.distill.lr, config.distill.batch_size
         self.experts = {regime: frozen_state(state, device, train_dtype(config))
                         for regime, state in expert_states.items()}
+        self.partitioned = config.deepspeed.zero_stage == 3  # ZeRO-3: the student's tensors are sharded over ranks
 
     def micro_loss(self, engine: Any, chunk: Sequence[ManifestRow],
                    generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
-        f = flow_forward(engine, chunk, self.config.model.resolution, self.device, generator, self.latents)
+        f = flow_inputs(engine.module, chunk, self.config.model.resolution, self.device, generator, self.latents)
         is_global = torch.tensor([REGIME[task] == "global" for task in f.tasks], device=self.device)  # (B,)
-        v_local = velocity_with(engine.module, self.experts["local"], f.x_t, f.t, *f.prepared)  # (B, *S)
-        v_global = velocity_with(engine.module, self.experts["global"], f.x_t, f.t, *f.prepared)  # (B, *S)
+        # the experts' forwards before the student's: they overwrite its tensors for a moment (velocity_with)
+        v_local, v_global = (velocity_with(engine.module, self.experts[regime], f.x_t, f.t, *f.prepared,
+                                           partitioned=self.partitioned)
+                             for regime in ("local", "global"))  # (B, *S) each
         v_expert = pick_expert_velocity(v_local, v_global, is_global)  # (B, *S)
-        return distillation_loss(f.v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert, f.weight)
+        v = engine(f.x_t, f.t, *f.prepared)  # (B, *S)
+        return distillation_loss(v, v_expert, f.x0, f.eps, self.config.distill.lambda_expert, f.weight)

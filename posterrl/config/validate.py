@@ -248,12 +248,13 @@ def reward_model_problems(cfg: Config) -> list[str]:
 
 # Every cross-field check, in the order its messages are reported.
 def deepspeed_problems(cfg: Config) -> list[str]:
-    if cfg.deepspeed.zero_stage == 3:
-        # theta_old, the KL reference and the distill experts are swapped into the trained module's layers, and
-        # exports and syncs read whole tensors: both need every parameter whole on every rank
-        return ["deepspeed.zero_stage=3 is not supported: posterrl keeps whole parameters on every rank (theta_old "
-                "and the experts run through the trained module); use 2, with LoRA (model.lora.rank) and "
-                "deepspeed.offload_optimizer for the released models"]
+    if cfg.deepspeed.zero_stage == 3 and (cfg.model.kind == "tiny_flux" or cfg.model.lora.rank == 0):
+        # theta_old, the KL reference and the distill experts are swapped into the trained module's parameters
+        # (learner/tasks/base.py velocity_with); ZeRO-3 keeps only small tensors (the adapters) whole on each rank
+        return [f"deepspeed.zero_stage=3 needs LoRA on a released model (model.kind={cfg.model.kind!r}, "
+                f"model.lora.rank={cfg.model.lora.rank}): ZeRO-3 partitions the frozen base and keeps the adapters "
+                "whole, which theta_old and the experts are swapped into; a policy trained in full would have to be "
+                "gathered whole for every swap. Use zero_stage 2 (with deepspeed.offload_optimizer) here"]
     return []
 
 

@@ -130,6 +130,16 @@ class PipelinePolicy(nn.Module, ABC):
             getattr(self.model, name).eval()
         return self
 
+    def keep_frozen_out_of_module(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Take the frozen conditioning (FROZEN: text encoders, VAE) out of the module tree, in `dtype` on
+        `device`, so that a ZeRO-3 engine partitions the transformer only: as diffusers' training scripts hand
+        DeepSpeed the transformer alone. The encoders read their own weights outside module calls (CLIP's
+        position-embedding count is a weight's shape), which a partitioned parameter does not have, and their
+        work (prompt embeddings, VAE latents) is cached per sample anyway. They stay reachable as attributes."""
+        for name in self.FROZEN:
+            component = self.model._modules.pop(name).to(device, dtype)
+            object.__setattr__(self.model, name, component)  # a plain attribute: not in parameters() or hooks
+
     # ------------------------------------------------------------------ the Policy interface
 
     @abstractmethod

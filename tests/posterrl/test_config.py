@@ -421,9 +421,13 @@ def test_data_max_bad_fraction():
         load_config("configs/tiny.yaml", ["data.max_bad_fraction=1.5"])
 
 
-def test_zero_stage_3_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage=3 is not supported: posterrl keeps whole parameters"):
+def test_zero_stage_3_needs_lora_on_a_released_model():
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage=3 needs LoRA on a released model "
+                                          r"\(model.kind='tiny_flux', model.lora.rank=0\)"):
         load_config("configs/tiny.yaml", ["deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"model.lora.rank=0\)"):
+        load_config("configs/flux_kontext_tiny.yaml", ["deepspeed.zero_stage=3", "model.lora.rank=0"])
+    assert load_config("configs/flux_kontext_tiny.yaml", ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
 
 
 def test_sft_steps_per_regime_default_to_steps():
