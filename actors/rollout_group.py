@@ -129,7 +129,7 @@ class RolloutActorGroup:
             remote_worker.options(max_restarts=rc.max_restarts, max_task_retries=0,
                                   scheduling_strategy=self.slots.strategy(i)).remote(
                 model=config.model.model_dump(mode="json"), num_threads=threads_for(rc.cpus_per_actor),
-                device="cuda" if rc.gpus_per_actor > 0 else "cpu")
+                device="cuda" if rc.gpus_per_actor > 0 else "cpu", dtype=rc.dtype)
             for i in range(rc.num_actors)
         ]
         self.sampler = SamplerConfig.from_rollout(rc)

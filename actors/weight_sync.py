@@ -48,8 +48,8 @@ class Publication:
 
 def probe_tolerance(config: Config) -> float:
     """How far an actor's probe velocity may be from rank 0's (relative L2): float32 on both sides agrees to
-    round-off; a bf16 learner's theta_old runs the probe in bf16 (about 3 significant digits)."""
-    return 5e-2 if config.deepspeed.precision == "bf16" else 1e-4
+    round-off; a bf16 learner's theta_old, or bf16 rollouts, run the probe in bf16 (about 3 significant digits)."""
+    return 5e-2 if "bf16" in (config.deepspeed.precision, config.rollout.dtype) else 1e-4
 
 
 class WeightSync:

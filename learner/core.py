@@ -29,6 +29,7 @@ from posterrl.config import Config
 from posterrl.files import write_atomic
 from posterrl.models.pipeline_policy import PipelinePolicy
 from posterrl.models.samples import PreferencePair
+from posterrl.policies import SAMPLING_DTYPES
 from posterrl.policy import quiet_model_libraries
 from posterrl.weight_sync import Fingerprint, fingerprint, open_store
 
@@ -179,7 +180,8 @@ class Learner:
 
     def sampling_fingerprint(self) -> Fingerprint:
         """theta_old's fingerprint: what every rollout actor must hold after a sync (posterrl/weight_sync.py)."""
-        return fingerprint(self._require(NftTask).sampling_state)
+        # as the actors hold it: rounded to rollout.dtype on their load
+        return fingerprint(self._require(NftTask).sampling_state, as_dtype=SAMPLING_DTYPES[self.config.rollout.dtype])
 
     def sampling_probe(self) -> torch.Tensor:
         return self._require(NftTask).sampling_probe(self.module)

@@ -23,6 +23,10 @@ POLICY_CLASSES: dict[str, type[EditPolicy] | type[PipelinePolicy]] = {
 }
 
 
+# rollout.dtype -> the dtype the actors' policies sample in
+SAMPLING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def policy_class(kind: str) -> type[EditPolicy] | type[PipelinePolicy]:
     if kind not in POLICY_CLASSES:
         raise NotImplementedError(f"model.kind={kind!r}: this version of posterrl builds {sorted(POLICY_CLASSES)}")

@@ -122,13 +122,16 @@ PROBE_SEED = 20261202  # the probe check's fixed input
 Fingerprint = dict[str, tuple[float, float, float]]  # state key -> (sum, sum of |x|, position-weighted sum)
 
 
-def fingerprint(state: Mapping[str, torch.Tensor | np.ndarray]) -> Fingerprint:
+def fingerprint(state: Mapping[str, torch.Tensor | np.ndarray], as_dtype: torch.dtype | None = None) -> Fingerprint:
     """Per tensor, in float64: its sum, the sum of its magnitudes, and a sum weighted by position (weights 1..97
     repeating), three numbers that change when a tensor is stale, zeroed, transposed, moved to another key or
-    half-written; computed where the tensor lives (GPU or CPU), so no copy travels."""
+    half-written; computed where the tensor lives (GPU or CPU), so no copy travels. `as_dtype`: of the tensors
+    rounded to that dtype first, as a receiver that holds them in it (bf16 rollouts) has them."""
     out = {}
     for key, value in state.items():
         tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value.detach()
+        if as_dtype is not None:
+            tensor = tensor.to(as_dtype)
         flat = tensor.reshape(-1).double()
         position = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) % 97 + 1
         out[key] = (float(flat.sum()), float(flat.abs().sum()), float((flat * position).sum()))

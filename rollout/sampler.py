@@ -106,8 +106,9 @@ def sample_groups(policy: Policy, instructions: list[str], inputs: torch.Tensor,
     images = policy.decode_latents(latents, group_inputs)  # (G*K, 3, R, R)
     g = len(seeds)
     return SampledGroups(
-        images=images.reshape(g, group_size, *images.shape[1:]).cpu(),
-        latents=None if policy.pixel_space else latents.reshape(g, group_size, *policy.latent_shape).cpu(),
+        # float32 whatever the policy samples in (rollout.dtype): rewards, the learner and PNGs read these
+        images=images.reshape(g, group_size, *images.shape[1:]).float().cpu(),
+        latents=None if policy.pixel_space else latents.reshape(g, group_size, *policy.latent_shape).float().cpu(),
         seeds=list(seeds),
         sigmas=policy.time_grid(config),
     )

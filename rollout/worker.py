@@ -20,7 +20,7 @@ from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
 from posterrl.flow import SamplerConfig
 from posterrl.images import uncanvas
-from posterrl.policies import build_policy, load_policy
+from posterrl.policies import SAMPLING_DTYPES, build_policy, load_policy
 from posterrl.policy import quiet_model_libraries
 from posterrl.weight_sync import BroadcastGroup, Fingerprint, fingerprint, probe_inputs
 from rollout.sampler import prompt_seed, sample_groups
@@ -67,9 +67,10 @@ class RolloutGroup:
 
 class RolloutWorker:
     def __init__(self, model: dict | None = None, checkpoint: str | None = None, num_threads: int | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: str = "fp32"):
         """Build the policy from a model config (weights arrive with `load_weights`) or load an exported one, on
-        `device` ("cuda" in an actor Ray gave a GPU: CUDA_VISIBLE_DEVICES names it as device 0)."""
+        `device` ("cuda" in an actor Ray gave a GPU: CUDA_VISIBLE_DEVICES names it as device 0), sampling in
+        `dtype` (rollout.dtype: fp32 or bf16; weights are rounded to it as they load)."""
         quiet_model_libraries()
         if (model is None) == (checkpoint is None):
             raise ValueError("RolloutWorker needs exactly one of model (a config dict) or checkpoint (a directory)")
@@ -80,7 +81,8 @@ class RolloutWorker:
         else:
             self.policy = build_policy(ModelConfig.model_validate(model))
         self.device = torch.device(device)
-        self.policy.to(self.device).eval().requires_grad_(False)
+        self.dtype = SAMPLING_DTYPES[dtype]
+        self.policy.to(self.device, self.dtype).eval().requires_grad_(False)
         self.resident = True  # the policy is on self.device (False after offload, until the next sampling)
         # -1: built from a config, no weights loaded yet (a version is never negative, so no chunk matches it)
         self.policy_version = 0 if checkpoint is not None else UNLOADED
@@ -100,16 +102,16 @@ class RolloutWorker:
         self._make_resident()  # weights land where the policy samples
         arrays = {k: v for k, v in state_dict.items() if isinstance(v, np.ndarray)}
         tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-        if len(arrays) == len(state_dict) and self.device.type == "cpu":
+        if len(arrays) == len(state_dict) and self.device.type == "cpu" and self.dtype == torch.float32:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
             self._shared_weights = arrays
-        elif len(arrays) == len(state_dict):  # onto the GPU: a copy either way
-            weights = {k: torch.from_numpy(v.copy()).to(self.device) for k, v in arrays.items()}
+        elif len(arrays) == len(state_dict):  # onto the GPU or into bf16: a copy either way
+            weights = {k: torch.from_numpy(v.copy()).to(self.device, self.dtype) for k, v in arrays.items()}
             self._shared_weights = None
         elif len(tensors) == len(state_dict):
-            weights = {k: v.detach().to(self.device, copy=True) for k, v in tensors.items()}
+            weights = {k: v.detach().to(self.device, self.dtype, copy=True) for k, v in tensors.items()}
             self._shared_weights = None
         else:
             raise TypeError("load_weights: expected every value to be a numpy array, or every value a tensor")
@@ -144,7 +146,8 @@ class RolloutWorker:
         """The policy's velocity on the fixed probe input (posterrl.weight_sync.probe_inputs), on the CPU."""
         self._make_resident()
         x_t, t, instructions, inputs = probe_inputs(self.policy)
-        return self.policy.velocity(x_t, t, self.policy.condition(*self.policy.prepare(instructions, inputs))).cpu()
+        cond = self.policy.condition(*self.policy.prepare(instructions, inputs))
+        return self.policy.velocity(x_t, t, cond).float().cpu()
 
     def offload(self) -> None:
         """Free the GPU until the next sampling or weight load (cluster.placement=colocated: the learner trains on
@@ -156,7 +159,7 @@ class RolloutWorker:
 
     def _make_resident(self) -> None:
         if not self.resident:
-            self.policy.to(self.device)
+            self.policy.to(self.device, self.dtype)
             self.resident = True
 
     def sample(self, rows: Sequence[ManifestRow], group_size: int, base_seed: int, sampler: SamplerConfig,

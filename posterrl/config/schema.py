@@ -122,6 +122,10 @@ class RolloutConfig(_Section):
     shift: float = Field(1.0, gt=0)  # timestep shift of FlowMatchEulerDiscreteScheduler
     seed: int = 0
     eval_per_task: int = Field(4, ge=1)  # held-out prompts per task in an evaluation
+    # The dtype the actors sample in: bf16 halves a released model's memory and runs on the GPU's bf16 units (the
+    # GPU presets); the learner's theta_old arrives in float32 and is rounded on load. Sync checks compare against
+    # theta_old rounded the same way (posterrl/weight_sync.py), so a bf16 actor is held to the same exactness.
+    dtype: Literal["fp32", "bf16"] = "fp32"
     # How the rl stage's weights reach the actors: one object in the Ray object store that every actor
     # reads (CPU default), or a broadcast from learner rank 0 on a process group of its own (NCCL on GPU).
     weight_sync: Literal["object_store", "broadcast"] = "object_store"

@@ -6,7 +6,7 @@ from actors.cluster import rendezvous_host
 from actors.faults import FaultLog, RunAborted
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutActorGroup
-from actors.weight_sync import WeightSync
+from actors.weight_sync import WeightSync, probe_tolerance
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
 from posterrl.flow import SamplerConfig
@@ -68,11 +68,14 @@ def test_broadcast_sync_meets_on_loopback_and_reaches_every_actor(ray_cluster, t
     assert sums == pytest.approx([expected, expected], rel=1e-9)
 
 
-def test_a_corrupted_sync_stops_the_run(ray_cluster, tiny_config):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_corrupted_sync_stops_the_run(ray_cluster, tiny_config, dtype):
     """Each actor reports the fingerprint of what its policy holds after a sync; the driver compares it with learner
     rank 0's. An actor whose load bound zeros into one tensor (as a sync that silently missed a module would) stops
-    the run with a message naming the actor, the version and the tensor, on both sync paths."""
+    the run with a message naming the actor, the version and the tensor, on both sync paths. bf16 rollouts are held
+    to the same check (against theta_old rounded to bf16) and their probe stays within its tolerance."""
     config = tiny_config.model_copy(deep=True)
+    config.rollout.dtype = dtype
     config.learner.num_ranks, config.learner.cpus_per_rank = 1, 0.1
     config.rollout.num_actors, config.rollout.cpus_per_actor = 2, 0.1
     trained = EditPolicy.from_config(config.model.model_copy(update={"seed": 11}))
@@ -94,8 +97,9 @@ def test_a_corrupted_sync_stops_the_run(ray_cluster, tiny_config):
     try:
         learners.start("nft", 0, init_state=trained.state_dict())
         for version, method in ((1, "object_store"), (3, "broadcast")):
-            sync = WeightSync(learners, rollouts, method, FaultLog())
+            sync = WeightSync(learners, rollouts, method, FaultLog(), probe_tol=probe_tolerance(config))
             sync.publish(version).wait()  # a clean sync passes its check
+            assert sync.probe(version) < (1e-2 if dtype == "bf16" else 1e-6)
             ray.get(rollouts.actors[1].__ray_call__.remote(corrupt_next_load), timeout=60)
             with pytest.raises(RunAborted, match=rf"weight sync of version {version + 1}: rollout actor 1 holds other "
                                                  rf"weights than learner rank 0 sent \(1 of \d+ tensors differ: "

@@ -209,6 +209,26 @@ def test_rollout_worker_on_the_gpu_samples_what_the_cpu_worker_samples(kontext_d
     assert adapters_effect > 10 * LATENT_TOLERANCE  # the loaded weights matter: the comparison is not vacuous
 
 
+@needs_gpus(1)
+def test_bf16_rollouts_on_the_gpu_stay_close_to_fp32(kontext_dir, tmp_path):
+    """rollout.dtype=bf16 (the GPU presets): the weights are rounded on load and the fingerprint is exactly the
+    sender's rounded to bf16; the latents stay within a few percent of float32 sampling on the same GPU."""
+    settings = model_settings(kontext_dir)
+    sent = {k: v.numpy() for k, v in trained_adapters(settings, seed=2, scale=1.0).items()}
+    rows = manifest_rows(tmp_path)
+    sampler = SamplerConfig("euler", STEPS)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        worker = RolloutWorker(model=settings, device=DEVICE, dtype=dtype)
+        load = worker.load_weights(sent, version=1)
+        assert fingerprint_mismatch(fingerprint(sent, as_dtype=worker.dtype), load.fingerprint) is None
+        with no_tf32():
+            out[dtype] = torch.stack([g.latents for g in worker.sample(rows, 2, 0, sampler) if g.latents is not None])
+    error = float((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm())
+    print(f"\nbf16 vs fp32 rollouts on {DEVICE}: relative L2 error of the latents {error:.3g}")
+    assert out["bf16"].dtype == torch.float32 and error < 5e-2
+
+
 # ---------------------------------------------------------------------------------------------------- (c) broadcast
 
 

@@ -4,6 +4,7 @@ import torch
 from posterrl.data.manifest import load_manifest, write_manifest
 from posterrl.data.tasks import TASKS, build_samples, write_samples
 from posterrl.flow import SamplerConfig
+from posterrl.weight_sync import fingerprint, fingerprint_mismatch
 from rollout.worker import RolloutWorker
 
 
@@ -66,3 +67,46 @@ def test_object_store_arrays_are_used_in_place_and_sample_like_copied_weights(ti
     assert shared.policy.state_dict()[key].data_ptr() != arrays[key].ctypes.data
     c = shared.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
     assert all(torch.equal(x.samples, y.samples) for x, y in zip(a, c))
+
+
+def test_bf16_rollouts_round_the_weights_on_load_and_sample_close_to_fp32(tiny_config, tiny_policy, rows):
+    """rollout.dtype=bf16: float32 weights (object-store arrays) are rounded as they load; the fingerprint the
+    worker reports is exactly that of the sender's state rounded to bf16, and not of the float32 state; samples
+    come back in float32, close to a float32 worker's (the tiny policy's outputs span [-1, 1])."""
+    sampler = SamplerConfig(num_steps=2)
+    state = tiny_policy.state_dict()
+    arrays = {k: v.numpy().copy() for k, v in state.items()}
+    fp32 = RolloutWorker(model=tiny_config.model.model_dump(mode="json"))
+    bf16 = RolloutWorker(model=tiny_config.model.model_dump(mode="json"), dtype="bf16")
+    fp32.load_weights(arrays, version=1)
+    load = bf16.load_weights(arrays, version=1)
+    assert {p.dtype for p in bf16.policy.parameters()} == {torch.bfloat16}
+    assert fingerprint_mismatch(fingerprint(state, as_dtype=torch.bfloat16), load.fingerprint) is None
+    assert fingerprint_mismatch(fingerprint(state), load.fingerprint) is not None  # the rounding is seen
+    a = fp32.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
+    b = bf16.sample(rows[:2], group_size=2, base_seed=0, sampler=sampler)
+    for x, y in zip(a, b, strict=True):
+        assert y.samples.dtype == torch.float32 and torch.isfinite(y.samples).all()
+        assert 0 < (x.samples - y.samples).abs().mean() < 0.05
+    assert bf16.probe().dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["flux_kontext", "qwen_image_edit"])
+def test_released_pipelines_sample_in_bf16(kind, rows, tmp_path):
+    """The released architectures (tiny make-tiny folders) in bf16 through the same worker: their LoRA adapters
+    are rounded on load, outputs and latents come back in float32, close to float32 sampling."""
+    from posterrl.config import load_config
+    from posterrl.models import tiny_pipelines
+
+    folder = tiny_pipelines.make_tiny(kind, tmp_path / kind, seed=0)
+    model = load_config(f"configs/{kind}_tiny.yaml", [f"model.pretrained_path={folder}"]).model
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        worker = RolloutWorker(model=model.model_dump(mode="json"), dtype=dtype)
+        state = {k: (v + 0.01).float().numpy() for k, v in worker.policy.policy_state().items()}
+        load = worker.load_weights(state, version=1)
+        assert fingerprint_mismatch(fingerprint(state, as_dtype=worker.dtype), load.fingerprint) is None
+        out[dtype] = worker.sample(rows[:2], group_size=2, base_seed=0, sampler=SamplerConfig(num_steps=2))
+    for x, y in zip(out["fp32"], out["bf16"], strict=True):
+        assert y.samples.dtype == y.latents.dtype == torch.float32
+        assert 0 < (x.samples - y.samples).abs().mean() < 0.05
