@@ -55,7 +55,7 @@ class KontextPolicy(PipelinePolicy):
         """(text (B, L, D), pooled (B, P), ref_tokens (B, N*Tc, 64)), all without gradients."""
         prompt = self.model.encode_prompt(instructions)
         b, n = inputs.shape[:2]
-        refs = self.model.encode_reference(inputs.flatten(0, 1)).tokens  # (B*N, Tc, 64)
+        refs = self.encode_references(inputs.flatten(0, 1))  # (B*N, Tc, 64), each image encoded once
         return prompt.text, prompt.pooled, refs.reshape(b, n * refs.shape[1], refs.shape[2])
 
     def condition(self, *prepared: torch.Tensor) -> KontextCondition:

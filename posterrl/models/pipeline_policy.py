@@ -17,8 +17,10 @@ conditioning: `prepare`, `condition`, `velocity`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +37,9 @@ from posterrl.flow import SamplerConfig
 from posterrl.policy import SPEC_FILE, PolicySpec, check_state_keys
 
 TOKEN_PX = 16  # pixels per packed latent token side: an 8x VAE, 2 x 2 packing
+# Reference latents kept per policy (on the CPU): an epoch's prompts and more. At 1024 px a FLUX.1 Kontext
+# reference is 4096 x 64 values (512 KiB in bf16), so the cache holds at most about 0.5 GiB.
+REFERENCE_CACHE_SIZE = 1024
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a folder
 ADAPTER = "default"
 
@@ -56,6 +61,8 @@ class PipelinePolicy(nn.Module, ABC):
         self.spec = spec
         self.grid = spec.resolution // TOKEN_PX  # packed tokens per canvas side
         model.requires_grad_(False)
+        self._reference_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image digest -> (Tc, 64), CPU
+        self.references_encoded = 0  # images this policy VAE-encoded (the rest came from the cache)
         if spec.lora is not None:
             # peft marks the adapters trainable; the base was frozen above
             model.transformer.add_adapter(LoraConfig(r=spec.lora["rank"], lora_alpha=spec.lora["alpha"],
@@ -129,6 +136,27 @@ class PipelinePolicy(nn.Module, ABC):
         for name in self.FROZEN:
             getattr(self.model, name).eval()
         return self
+
+    def encode_references(self, images: torch.Tensor) -> torch.Tensor:
+        """Condition images (M, 3, R, R) in [-1, 1] -> their packed VAE latents (M, Tc, 64), no gradients.
+
+        Each image is VAE-encoded once and kept (least recently used dropped first, REFERENCE_CACHE_SIZE at most)
+        under a digest of its pixels, so the K samples of a group, every epoch's visit of a prompt and every
+        forward of a training step (theta, theta_old, the experts) reuse it, in every stage and in the rollouts.
+        Images are encoded one at a time, so a latent does not depend on the batch that first asked for it."""
+        pixels = images.detach().float().cpu().contiguous()
+        dtype = self.model.dtype  # latents of a bf16 VAE are other numbers than a float32 one's
+        keys = [f"{hashlib.blake2b(image.numpy().tobytes(), digest_size=16).hexdigest()}|{dtype}" for image in pixels]
+        with torch.no_grad():
+            for key, image in zip(keys, pixels, strict=True):
+                if key in self._reference_cache:
+                    self._reference_cache.move_to_end(key)
+                    continue
+                self._reference_cache[key] = self.model.encode_reference(image[None]).tokens[0].cpu()
+                self.references_encoded += 1
+                while len(self._reference_cache) > REFERENCE_CACHE_SIZE:
+                    self._reference_cache.popitem(last=False)
+            return torch.stack([self._reference_cache[key] for key in keys]).to(self.model.device, dtype)
 
     def keep_frozen_out_of_module(self, device: torch.device, dtype: torch.dtype) -> None:
         """Take the frozen conditioning (FROZEN: text encoders, VAE) out of the module tree, in `dtype` on

@@ -184,3 +184,19 @@ def test_target_latents_are_encoded_once_per_row_and_read_back(kontext_dir, tmp_
     other = build_policy(model_config(kontext_dir, resolution=48)).eval()
     cache(other, rows, collate(rows, 48).targets, collate(rows, 48).inputs)
     assert cache.encoded == 4 and len(list((tmp_path / "latents").iterdir())) == 2
+
+
+def test_reference_latents_are_encoded_once_per_image(kontext_dir):
+    """prepare() VAE-encodes each condition image once (cached under a digest of its pixels): the K samples of a
+    group and every later forward reuse it, with the latents a direct encode gives; another image is encoded."""
+    policy = build_policy(model_config(kontext_dir))
+    images = canvases(2)  # (2, 1, 3, R, R)
+    first = policy.prepare([PROMPT, PROMPT], images)[2]
+    assert policy.references_encoded == 2
+    again = policy.prepare([PROMPT] * 4, images.repeat_interleave(2, 0))[2]  # a group of K = 2 per image
+    assert policy.references_encoded == 2 and torch.equal(again[::2], first) and torch.equal(again[1::2], first)
+    with torch.no_grad():
+        direct = policy.model.encode_reference(images[:, 0]).tokens
+    assert torch.allclose(first, direct, atol=1e-6)
+    policy.prepare([PROMPT], images[:1] * 0.5)
+    assert policy.references_encoded == 3
