@@ -60,6 +60,9 @@ INTER_NODE_GBS = (25.0, 50.0)  # NCCL bandwidth between nodes, per GPU pair, ass
 OBJECT_STORE_GBS = (1.0, 5.0)  # Ray object store between nodes (serialise, TCP, copy), assumed
 GPU_BUDGET_GIB = 75.0  # an 80 GB card shows ~79 GiB; ~4 GiB left for the CUDA context, NCCL buffers, allocator slack
 GPUS_PER_NODE = 8
+# ZeRO-3 (deepspeed.zero_stage: 3): the parameters a rank holds gathered at once, at most DeepSpeed's default
+# stage3_max_live_parameters (1e9), in bf16
+ZERO3_LIVE_PARAMETERS, BF16 = 10**9, 2
 
 RESOLUTION = 1024  # output and condition image, pixels per side
 T5_TOKENS, CLIP_TOKENS = 512, 77  # FluxKontextPipeline's max_sequence_length; CLIP's positions
@@ -631,11 +634,15 @@ class Memory:
     vae_decode: int  # one image's VAE decode working set
     reward: int  # the reward GPU: judge + BT model + BT LoRA + KV cache
 
-    def learner(self, micro: int, ckpt: bool, encoders: bool, ranks: int = 1) -> int:
+    def learner(self, micro: int, ckpt: bool, encoders: bool, ranks: int = 1, zero3: bool = False) -> int:
         """A learner rank: the base (the reference is the base with adapters off), theta, theta_old, optimizer
-        states and gradients (partitioned over `ranks` by ZeRO-2), the activations of `micro` samples."""
+        states and gradients (partitioned over `ranks` by ZeRO-2), the activations of `micro` samples. With
+        `zero3` the frozen base is sharded over the ranks too, plus the parameters DeepSpeed gathers at once
+        (at most ZERO3_LIVE_PARAMETERS)."""
         act = (self.act_ckpt if ckpt else self.act_no_ckpt) + self.act_nograd
-        return (self.transformer + 2 * self.lora + (self.adam + self.grads) // ranks + micro * act
+        base = (self.transformer // ranks + min(self.transformer, ZERO3_LIVE_PARAMETERS * BF16) if zero3
+                else self.transformer)
+        return (base + 2 * self.lora + (self.adam + self.grads) // ranks + micro * act
                 + (self.text_encoders if encoders else 0))
 
     def rollout(self, batch: int = ROLLOUT_BATCH) -> int:
@@ -909,6 +916,8 @@ def report(check_flops: bool = True) -> str:
         ("LoRA theta_old, bf16", lambda m: m.lora),
         ("Adam: fp32 master + m + v of theta (unpartitioned)", lambda m: m.adam),
         ("... ZeRO-2 over 8 ranks", lambda m: m.adam // 8),
+        ("transformer weights, ZeRO-3 over 8 ranks, + the gathered live parameters", lambda m: m.learner(
+            0, True, False, 8, zero3=True) - m.learner(0, True, False, 8) + m.transformer),
         ("gradients of theta, fp32", lambda m: m.grads),
         ("activations, 1 sample, no checkpointing", lambda m: m.act_no_ckpt),
         ("activations, 1 sample, per-block checkpointing", lambda m: m.act_ckpt),
@@ -934,7 +943,9 @@ def report(check_flops: bool = True) -> str:
         m = mems[kind]
         roles = [(f"learner rank, micro batch {micro}, checkpointing, text encoders off the GPU",
                   m.learner(micro, True, False, 8)) for micro in (1, 2, 4)]
-        roles += [("learner rank, micro batch 2, checkpointing, text encoders resident", m.learner(2, True, True, 8)),
+        roles += [("learner rank, micro batch 2, checkpointing, ZeRO-3 over 8 ranks",
+                   m.learner(2, True, False, 8, zero3=True)),
+                  ("learner rank, micro batch 2, checkpointing, text encoders resident", m.learner(2, True, True, 8)),
                   ("learner rank, micro batch 1, no checkpointing", m.learner(1, False, False, 8)),
                   (f"rollout actor, batch {ROLLOUT_BATCH}", m.rollout()),
                   (f"colocated, one process (one base), rollout batch {ROLLOUT_BATCH}", m.colocated(1, 1, 7)),
