@@ -29,6 +29,17 @@ from posterrl.policy import check_state_keys
 from posterrl.weight_sync import BroadcastGroup, probe_inputs
 
 
+def reference_state(config: Config, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The KL term's anchor (rl.kl_reference): the state rl started from, or the released model with no
+    fine-tuning: with LoRA the start's adapters with B = 0 (a LoRA update is B A, so the adapters are off), in full
+    fine-tuning the checkpoint's own transformer, built again."""
+    if config.rl.kl_reference == "start":
+        return start
+    if config.model.lora.rank > 0:
+        return {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in start.items()}
+    return build_policy(config, None).policy_state()  # type: ignore[operator]
+
+
 class NftTask:
     def __init__(self, config: Config, device: torch.device, seed: int, init_state: dict[str, torch.Tensor]):
         rl = config.rl
@@ -37,7 +48,7 @@ class NftTask:
         self.hyper = NftHyper(beta=rl.beta, adv_max=rl.adv_max, kl_coef=rl.kl_coef)
         dtype = train_dtype(config)
         self.sampling_state = frozen_state(init_state, device, dtype)  # theta_old
-        self.reference = frozen_state(init_state, device, dtype) if rl.kl_coef > 0 else None
+        self.reference = frozen_state(reference_state(config, init_state), device, dtype) if rl.kl_coef > 0 else None
         self.time_grid: torch.Tensor | None = None  # (S,) the rollout's steps (0 is no step), set by build
         self.sampling_updates = 0  # soft updates of theta_old so far (eta's schedule counts them)
         self.checksum_keys: list[str] = []

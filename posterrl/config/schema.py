@@ -240,7 +240,10 @@ class RlConfig(_Section):
     advantage_std: Literal["batch", "task"] = "batch"
     beta: float = Field(1.0, gt=0)  # NFT: distance of the implicit positive/negative policies from v_old
     adv_max: float = Field(5.0, gt=0)  # A_max: advantage clip, and the r mapping's scale
-    kl_coef: float = Field(1e-4, ge=0)  # weight of ||v_theta - v_ref||^2, v_ref the policy RL started from
+    kl_coef: float = Field(1e-4, ge=0)  # weight of ||v_theta - v_ref||^2
+    # v_ref's policy: start, the one rl started from (the distilled student); base, the released model with no
+    # fine-tuning at all (with LoRA the adapters off, as DiffusionNFT anchors to the base model).
+    kl_reference: Literal["start", "base"] = "start"
     eta_rate: float = Field(0.001, ge=0)  # sampling policy: eta = min(eta_rate * update, eta_max)
     eta_max: float = Field(0.5, ge=0, lt=1)
     min_group_std: float | None = Field(None, ge=0)  # skip prompt groups whose rewards spread less (Edit-R1: 0.05)

@@ -105,6 +105,10 @@ def rl_problems(cfg: Config) -> list[str]:
         return []
     rl = cfg.rl
     problems = []
+    if rl.kl_reference == "base" and cfg.model.kind == "tiny_flux":
+        problems.append("rl.kl_reference=base needs a released model (model.kind flux_kontext or qwen_image_edit): "
+                        "the tiny policy is built from random weights, it has no pretrained base to anchor to; "
+                        "use rl.kl_reference=start")
     if cfg.rollout.group_size < 2:
         problems.append(f"rollout.group_size={cfg.rollout.group_size}: the rl stage compares samples within a "
                         "prompt group, so it needs at least 2")

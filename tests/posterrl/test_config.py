@@ -437,3 +437,9 @@ def test_sft_steps_per_regime_default_to_steps():
     assert (config.sft.steps_for("local"), config.sft.steps_for("global")) == (7, 7)
     with pytest.raises(ConfigError, match="sft.local_steps"):
         load_config("configs/tiny.yaml", ["sft.local_steps=0"])
+
+
+def test_the_base_kl_reference_needs_a_released_model():
+    with pytest.raises(ConfigError, match=r"rl.kl_reference=base needs a released model"):
+        load_config("configs/tiny.yaml", ["rl.kl_reference=base"])
+    assert load_config("configs/flux_kontext_tiny.yaml", ["rl.kl_reference=base"]).rl.kl_reference == "base"

@@ -200,3 +200,26 @@ def test_reference_latents_are_encoded_once_per_image(kontext_dir):
     assert torch.allclose(first, direct, atol=1e-6)
     policy.prepare([PROMPT], images[:1] * 0.5)
     assert policy.references_encoded == 3
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_the_base_kl_reference_is_the_released_model_with_no_fine_tuning(kontext_dir, rank):
+    """rl.kl_reference=base: with LoRA the start's adapters with B = 0, in full fine-tuning the checkpoint's own
+    transformer; either way v_ref is the bare checkpoint's velocity, not the trained start's. `start` anchors to the
+    state rl began from."""
+    from learner.tasks.nft import reference_state
+    from posterrl.config import Config
+
+    model = model_config(kontext_dir, lora={"rank": rank})
+    policy = build_policy(model)
+    perturb_adapters(policy)  # the start of rl: trained adapters (or a trained transformer)
+    start = {k: v.detach().clone() for k, v in policy.policy_state().items()}
+    bare = build_policy(model).eval()
+    policy.eval()
+    prepared = policy.prepare([PROMPT, "Fill the gap"], canvases())
+    x_t, t = torch.randn(2, *policy.latent_shape), torch.tensor([0.3, 0.8])
+    config = Config(model=model, rl={"kl_reference": "base"})
+    v_ref = velocity_with(policy, reference_state(config, start), x_t, t, *prepared)
+    assert torch.allclose(v_ref, bare(x_t, t, *prepared), atol=1e-6)
+    assert not torch.allclose(policy(x_t, t, *prepared), v_ref, atol=1e-3)  # the start acts otherwise
+    assert reference_state(Config(model=model), start) is start  # the default: the state rl started from
