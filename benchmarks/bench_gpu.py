@@ -101,8 +101,9 @@ def trained_adapters(config: Config) -> dict[str, np.ndarray]:
 
 
 def bench_rollout(config: Config, weights: dict[str, np.ndarray], rows, args: argparse.Namespace,
-                  device: torch.device) -> dict:
-    worker = RolloutWorker(model=config.model.model_dump(mode="json"), device=args.device, num_threads=args.threads)
+                  device: torch.device, dtype: str = "fp32") -> dict:
+    worker = RolloutWorker(model=config.model.model_dump(mode="json"), device=args.device, num_threads=args.threads,
+                           dtype=dtype)
     worker.load_weights(weights, version=1)
     sampler = SamplerConfig.from_rollout(config.rollout)
     reset_peak(device)
@@ -233,6 +234,7 @@ def main() -> None:
         rows = load_manifest(tmp / "manifest.jsonl").rows
 
         rollout = bench_rollout(config, weights, rows, args, device)
+        rollout_bf16 = bench_rollout(config, weights, rows, args, device, dtype="bf16")  # rollout.dtype: bf16
         nft = bench_nft_step(config, weights, args, device)
         new_run_token(tmp)  # token auth with a token of its own, as a run's cluster
         ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=torch.cuda.device_count() if args.device == "cuda"
@@ -258,6 +260,8 @@ def main() -> None:
          f"{rollout['images_per_s']:.2f}", mib(rollout["peak_mib"])),
         (f"NFT step ms (micro batch {args.micro_batch}, fwd+bwd+AdamW, {nft['dtype']})", f"{nft['seconds'] * 1e3:.1f}",
          mib(nft["peak_mib"])),
+        ("rollout images/s, rollout.dtype bf16", f"{rollout_bf16['images_per_s']:.2f}", mib(rollout_bf16["peak_mib"])),
+        ("rollout bf16 / float32 images/s", f"{rollout_bf16['images_per_s'] / rollout['images_per_s']:.2f}", ""),
         ("NFT samples/s", f"{nft['samples_per_s']:.2f}", ""),
     ]
     for m, s in sync.items():
@@ -272,7 +276,8 @@ def main() -> None:
     startups = ", ".join(f"{s['startup_s']:.1f}" for s in sync.values())
     print(f"(actor groups of {args.actors} started and loaded in {startups} s; whole benchmark {total:.0f} s)")
     report = {"device": args.device, "where": where, "resolution": args.resolution, "steps": args.steps,
-              "rollout": rollout, "nft_step": nft, "weight_sync": {str(m): s for m, s in sync.items()},
+              "rollout": rollout, "rollout_bf16": rollout_bf16,
+              "nft_step": nft, "weight_sync": {str(m): s for m, s in sync.items()},
               "seconds": total}
     print(json.dumps(report))
     if not nft["loss_finite"]:
