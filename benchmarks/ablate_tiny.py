@@ -108,7 +108,7 @@ def main() -> None:
         # Every row's tensors once: training spends its time in the model, not in PNG decoding.
         cache = {}
         for bucket in bucket_by_num_inputs(train, 64):
-            b = collate(bucket, resolution)
+            b = collate(bucket, resolution, stretch_rescaled=config.model.stretch_rescaled_input)
             for i, row in enumerate(bucket):
                 cache[row.id] = (b.instructions[i], b.inputs[i], b.inputs[i, 0] if args.identity else b.targets[i])
 
@@ -178,7 +178,7 @@ def print_ceiling(config, n_val: int) -> None:
                                              size=config.data.size, progress=False), require_target=True).rows
         scores = defaultdict(lambda: ([], []))
         for row in val:
-            b = collate([row], config.model.resolution)
+            b = collate([row], config.model.resolution, stretch_rescaled=config.model.stretch_rescaled_input)
             target, first = row.load_target(), row.load_inputs()[0]
             through = uncanvas(b.targets[0], b.output_aspects[0], target.size)
             first_through = uncanvas(b.inputs[0, 0], (first.width, first.height), target.size)
@@ -195,7 +195,7 @@ def evaluate(model, val, resolution: int, sampler: SamplerConfig, identity: bool
     gold, base, psnr = defaultdict(list), defaultdict(list), defaultdict(list)
     sheet_rows, sheet_labels = [], []
     for bucket in bucket_by_num_inputs(val, 16):
-        b = collate(bucket, resolution)
+        b = collate(bucket, resolution, stretch_rescaled=model.spec.stretch_rescaled_input)
         cond = model.condition(*model.prepare(b.instructions, b.inputs))
         noise = group_noise([prompt_seed(0, i) for i in b.ids], 1, model.latent_shape)
         images = model.decode_latents(sample(model, cond, noise, sampler), b.inputs)

@@ -38,7 +38,8 @@ def bare_loop(config, plan: BatchPlan, steps: int, threads: int) -> float:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.sft.lr)
 
     def step(index: int) -> None:
-        batch = collate(plan.batch(index), config.model.resolution)
+        batch = collate(plan.batch(index), config.model.resolution,
+                        stretch_rescaled=config.model.stretch_rescaled_input)
         x_t, t, eps = draw_flow_inputs(batch.targets, torch.Generator().manual_seed(index))
         ids, mask = policy.tokenize(batch.instructions)
         loss, _ = flow_matching_loss(policy(x_t, t, ids, mask, batch.inputs), batch.targets, eps)

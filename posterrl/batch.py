@@ -45,7 +45,19 @@ def output_aspect(row: ManifestRow, inputs: Sequence[Image.Image], target: Image
     return float(reference.width), float(reference.height)
 
 
-def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = True) -> EditBatch:
+def stretched_to(image: Image.Image, aspect: tuple[float, float]) -> Image.Image:
+    """`image` resized to `aspect` (w, h), its longer side kept."""
+    longest = max(image.size)
+    w, h = aspect
+    size = (longest, max(1, round(longest * h / w))) if w >= h else (max(1, round(longest * w / h)), longest)
+    return image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
+
+
+def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = True,
+            stretch_rescaled: bool = False) -> EditBatch:
+    """Rows (one number of inputs) -> EditBatch on canvases of `resolution`. `stretch_rescaled`
+    (model.stretch_rescaled_input): a one-input row whose meta names a target aspect (rescaling) gets its input
+    stretched to that aspect before it is letterboxed."""
     counts = {len(r.inputs) for r in rows}
     if len(counts) != 1:
         raise ValueError(f"collate needs rows with one number of inputs, got {sorted(counts)}: bucket them first")
@@ -53,6 +65,8 @@ def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = T
     for row in rows:
         images = row.load_inputs()
         target = row.load_target() if with_targets else None
+        if stretch_rescaled and len(images) == 1 and "target_aspect" in row.meta:
+            images = [stretched_to(images[0], output_aspect(row, images, target))]
         inputs.append(torch.stack([canvas_tensor(im, resolution) for im in images]))
         if target is not None:
             targets.append(canvas_tensor(target, resolution))

@@ -65,6 +65,7 @@ class PolicySpec:
     lora: dict[str, Any] | None = None
     input_concat: bool = False  # tiny_flux: the first input in the noisy tokens' channels (model.input_concat)
     residual: bool = False  # tiny_flux: latents of one-input samples are output - input (model.residual)
+    stretch_rescaled_input: bool = False  # rescaling's input stretched to its output aspect (same key in model)
     prediction: str = "velocity"  # tiny_flux: the transformer predicts v, or x0 (model.prediction)
 
     @property
@@ -234,6 +235,7 @@ class EditPolicy(nn.Module):
             sampler=SamplerConfig.from_rollout(rollout) if rollout else SamplerConfig(),
             input_concat=model.input_concat,
             residual=model.residual,
+            stretch_rescaled_input=model.stretch_rescaled_input,
             prediction=model.prediction,
         )
         te, tr = model.text_encoder, model.transformer

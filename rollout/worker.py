@@ -173,7 +173,8 @@ class RolloutWorker:
         groups: dict[str, RolloutGroup] = {}
         per_call = max(1, max_batch // group_size)
         for bucket in bucket_by_num_inputs(rows, per_call):
-            batch = collate(bucket, self.policy.spec.resolution, with_targets=False)
+            batch = collate(bucket, self.policy.spec.resolution, with_targets=False,
+                            stretch_rescaled=self.policy.spec.stretch_rescaled_input)
             seeds = [prompt_seed(base_seed, i) for i in batch.ids]
             out = sample_groups(self.policy, batch.instructions, batch.inputs, seeds, group_size, sampler)
             for g, row_id in enumerate(batch.ids):

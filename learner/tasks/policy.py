@@ -39,7 +39,7 @@ class FlowInputs:
 def flow_inputs(policy: Policy, rows: Sequence[ManifestRow], resolution: int, device: torch.device,
                 generator: torch.Generator, latents: TargetLatents | None = None) -> FlowInputs:
     """Collate rows, encode the targets (through the on-disk cache `latents` when given), draw (t, eps)."""
-    batch = collate(rows, resolution)
+    batch = collate(rows, resolution, stretch_rescaled=policy.spec.stretch_rescaled_input)
     assert batch.targets is not None, "training rows need targets"
     dtype = next(policy.parameters()).dtype  # bf16 when DeepSpeed runs in bf16
     targets = batch.targets.to(device, dtype)  # (B, 3, R, R)

@@ -97,6 +97,10 @@ class ModelConfig(_Section):
     # `residual` applies to), v for compositions of several inputs, whose layout forms at high t where an x0 error
     # weighs least. Wherever x0 is predicted, sft and distill regress it with weight t^2 (Policy.loss_weight).
     prediction: Literal["velocity", "sample", "sample_for_edits"] = "velocity"
+    # A one-input edit whose output has another aspect than its input (rescaling: meta.target_aspect) shows the
+    # policy its input stretched to the output's aspect, so that "no edit" is the stretched poster (what the
+    # unedited-input baseline scores) and the policy learns to move the elements from there (docs/ablation.md).
+    stretch_rescaled_input: bool = False
     # tiny_flux: the transformer's output projection starts at zero (DiT's adaLN-Zero convention), so an untrained
     # residual x0-predicting policy returns its input exactly and training starts from "do nothing".
     zero_init_output: bool = False

@@ -88,6 +88,7 @@ class PipelinePolicy(nn.Module, ABC):
             sampler=SamplerConfig.from_rollout(rollout) if rollout else SamplerConfig(),
             pretrained_path=str(Path(model.pretrained_path).resolve()),
             guidance=model.guidance,
+            stretch_rescaled_input=model.stretch_rescaled_input,
             lora={"rank": lora.rank, "alpha": lora.alpha or lora.rank, "target_modules": list(lora.target_modules)}
             if lora.rank else None,
         )

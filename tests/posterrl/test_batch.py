@@ -2,7 +2,7 @@
 
 import torch
 
-from posterrl.batch import on_device
+from posterrl.batch import collate, on_device, stretched_to
 
 
 def test_on_device_casts_floats_to_the_model_precision_and_only_moves_the_rest():
@@ -14,3 +14,26 @@ def test_on_device_casts_floats_to_the_model_precision_and_only_moves_the_rest()
     torch.testing.assert_close(moved["pixels"].float(), tensors["pixels"], atol=1e-2, rtol=1e-2)
     for key in ("input_ids", "attention_mask", "image_grid_thw"):
         assert moved[key].dtype == torch.long and torch.equal(moved[key], tensors[key])
+
+
+def test_rescaling_inputs_can_be_stretched_to_the_output_aspect(tmp_path):
+    """model.stretch_rescaled_input: a rescaling row (meta.target_aspect) shows its input stretched to the target
+    aspect, so it fills the output's letterbox; every other row, and the default, keep the input as it is."""
+    from posterrl.data.manifest import load_manifest, write_manifest
+    from posterrl.data.tasks import TASKS, build_samples, write_samples
+    from posterrl.images import canvas_tensor
+
+    write_manifest(write_samples(build_samples(0, seed=4, size=64, tasks=TASKS), tmp_path), tmp_path / "m.jsonl")
+    rows = load_manifest(tmp_path / "m.jsonl").rows
+    rescaling = next(r for r in rows if r.task == "rescaling")
+    image, aspect = rescaling.load_inputs()[0], rescaling.meta["target_aspect"]
+    assert abs(image.width / image.height - aspect[0] / aspect[1]) > 0.05  # the row does change the aspect
+    stretched = collate([rescaling], 32, stretch_rescaled=True).inputs[0, 0]
+    expected = stretched_to(image, (aspect[0], aspect[1]))
+    assert abs(expected.width / expected.height - aspect[0] / aspect[1]) < 0.02
+    assert max(expected.size) == max(image.size)
+    assert torch.equal(stretched, canvas_tensor(expected, 32))
+    assert not torch.equal(stretched, collate([rescaling], 32).inputs[0, 0])
+    for row in rows:
+        if row.task != "rescaling":
+            assert torch.equal(collate([row], 32, stretch_rescaled=True).inputs, collate([row], 32).inputs), row.task
