@@ -148,10 +148,12 @@ class Learner:
     def zero3(self) -> bool:
         return self.config.deepspeed.zero_stage == 3
 
-    def _whole_parameters(self) -> Any:
+    def _whole_parameters(self, trained_only: bool = True) -> Any:
         """Read whole parameters inside: under ZeRO-3 each rank holds a shard of each, gathered here (every rank
-        must enter); a no-op under ZeRO 0-2."""
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), enabled=self.zero3)
+        must enter); a no-op under ZeRO 0-2. By default the trained ones only (with LoRA the adapters: what
+        policy_state, the soft update and exports read), so the sharded base is never gathered whole."""
+        parameters = [p for p in self.module.parameters() if p.requires_grad or not trained_only]
+        return deepspeed.zero.GatheredParameters(parameters, enabled=self.zero3)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -200,8 +202,8 @@ class Learner:
         return self.step
 
     def parameter_checksum(self) -> float:
-        """Sum of all trained parameters (tests compare it across ranks)."""
-        with self._whole_parameters():
+        """Sum of all the module's parameters (tests compare it across ranks)."""
+        with self._whole_parameters(trained_only=False):
             return _checksum(self.module)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
