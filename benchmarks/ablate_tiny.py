@@ -29,7 +29,7 @@ from posterrl.data.gold import gold_metric, known_region_psnr
 from posterrl.data.manifest import load_manifest
 from posterrl.data.tasks import REGIME, TASKS, generate_dataset
 from posterrl.flow import SamplerConfig
-from posterrl.images import labelled_grid, uncanvas
+from posterrl.images import labelled_grid, uncanvas, uncanvas_detailed
 from posterrl.policies import build_policy
 from rollout.sampler import group_noise, prompt_seed, sample
 
@@ -204,9 +204,11 @@ def evaluate(model, val, resolution: int, sampler: SamplerConfig, identity: bool
             for row, m in zip(bucket, mse.tolist(), strict=True):
                 psnr[row.task].append(10 * math.log10(1 / max(m, 1e-10)))
             continue
-        for row, image, aspect in zip(bucket, images, b.output_aspects, strict=True):
+        for i, (row, image, aspect) in enumerate(zip(bucket, images, b.output_aspects, strict=True)):
             target = row.load_target()
-            out = uncanvas(image, aspect, target.size)
+            frame_input = b.frame_inputs[i] if model.spec.input_detail else None
+            out = (uncanvas(image, aspect, target.size) if frame_input is None
+                   else uncanvas_detailed(image, b.inputs[i, 0], frame_input, target.size))
             first = row.load_inputs()[0].resize(target.size)
             gold[row.task].append(gold_metric(row.task, out, target, row.meta))
             base[row.task].append(gold_metric(row.task, first, target, row.meta))

@@ -20,6 +20,8 @@ class EditBatch:
     inputs:         (B, N, 3, R, R) letterboxed input canvases in [-1, 1]
     targets:        (B, 3, R, R) letterboxed targets in [-1, 1], or None when rows have no target
     output_aspects: B pairs (w, h): the aspect the output is cropped to
+    frame_inputs:   B first inputs as loaded, where a one-input row's input is already in the output's frame
+                    (same aspect, not stretched), else None: what model.input_detail adds back to the output
     """
 
     ids: list[str]
@@ -28,6 +30,7 @@ class EditBatch:
     inputs: torch.Tensor
     targets: torch.Tensor | None
     output_aspects: list[tuple[float, float]]
+    frame_inputs: list[Image.Image | None]
 
 
 def on_device(tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -61,16 +64,19 @@ def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = T
     counts = {len(r.inputs) for r in rows}
     if len(counts) != 1:
         raise ValueError(f"collate needs rows with one number of inputs, got {sorted(counts)}: bucket them first")
-    inputs, targets, aspects = [], [], []
+    inputs, targets, aspects, frame_inputs = [], [], [], []
     for row in rows:
         images = row.load_inputs()
         target = row.load_target() if with_targets else None
+        aspect = output_aspect(row, images, target)
+        in_frame = len(images) == 1 and images[0].width * aspect[1] == images[0].height * aspect[0]
+        frame_inputs.append(images[0] if in_frame else None)
         if stretch_rescaled and len(images) == 1 and "target_aspect" in row.meta:
-            images = [stretched_to(images[0], output_aspect(row, images, target))]
+            images = [stretched_to(images[0], aspect)]
         inputs.append(torch.stack([canvas_tensor(im, resolution) for im in images]))
         if target is not None:
             targets.append(canvas_tensor(target, resolution))
-        aspects.append(output_aspect(row, images, target))
+        aspects.append(aspect)
     if targets and len(targets) != len(rows):
         raise ValueError("collate: some rows have a target and some do not")
     return EditBatch(
@@ -80,6 +86,7 @@ def collate(rows: Sequence[ManifestRow], resolution: int, with_targets: bool = T
         inputs=torch.stack(inputs),
         targets=torch.stack(targets) if targets else None,
         output_aspects=aspects,
+        frame_inputs=frame_inputs,
     )
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from posterrl.data.manifest import ManifestRow
-from posterrl.images import uncanvas
+from posterrl.images import uncanvas, uncanvas_detailed
 
 
 class SampledGroup(Protocol):
@@ -26,6 +26,14 @@ class SampledGroup(Protocol):
     latents: torch.Tensor | None  # (K, *latent_shape), None for a pixel-space policy
     output_aspect: tuple[float, float]
     policy_version: int
+    frame_input: Image.Image | None  # the first input the outputs add the detail of (model.input_detail), or None
+
+
+def output_images(group: SampledGroup, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """A group's K samples as images at its output aspect, optionally resized to size (w, h)."""
+    if group.frame_input is not None:
+        return [uncanvas_detailed(s, group.inputs[0], group.frame_input, size) for s in group.samples]
+    return [uncanvas(s, group.output_aspect, size) for s in group.samples]
 
 
 class ScoredSample(Protocol):
@@ -84,6 +92,7 @@ class Experience:
     advantages, r:   (K,) group-normalised advantage and optimality probability; NaN where not scored
                      (dropped samples, groups with fewer than two scored samples), filled by learner.scoring
     filtered:        the group's rewards spread too little to train on (scored and logged all the same)
+    frame_input:     the first input at its own resolution when the outputs add its detail (model.input_detail)
     """
 
     row: ManifestRow
@@ -100,6 +109,7 @@ class Experience:
     r: np.ndarray
     filtered: bool = False
     latents: torch.Tensor | None = None
+    frame_input: Image.Image | None = None
 
     @classmethod
     def from_rollout(cls, row: ManifestRow, group: SampledGroup, results: Sequence[ScoredSample]) -> Experience:
@@ -113,7 +123,7 @@ class Experience:
                    policy_version=group.policy_version, reward=reward, components=components,
                    weights=dict(first.weights), reward_versions=dict(first.versions),
                    failed=[dict(res.failed) for res in results], advantages=np.full(k, np.nan), r=np.full(k, np.nan),
-                   latents=group.latents)
+                   latents=group.latents, frame_input=group.frame_input)
 
     @property
     def prompt_id(self) -> str:
@@ -138,7 +148,7 @@ class Experience:
 
     def output_images(self, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """The K samples as images at the output aspect, optionally resized to size (w, h)."""
-        return [uncanvas(s, self.output_aspect, size) for s in self.samples]
+        return output_images(self, size)
 
     def training_samples(self) -> list[RlSample]:
         """The samples the learner trains on: those with an optimality probability, unless the group is filtered."""

@@ -57,6 +57,19 @@ def uncanvas(tensor: torch.Tensor, aspect: Sequence[float], size: tuple[int, int
     return crop.resize(size, Image.Resampling.BILINEAR) if size is not None and crop.size != tuple(size) else crop
 
 
+def uncanvas_detailed(canvas: torch.Tensor, canvas_input: torch.Tensor, frame_input: Image.Image,
+                      size: tuple[int, int] | None = None) -> Image.Image:
+    """The edit of a one-input residual sample at the input's own resolution (model.input_detail): `frame_input`
+    (already in the output's frame) plus the change the canvas made to it, (canvas - canvas_input), upsampled.
+    What the edit leaves alone keeps the detail a small canvas cannot hold; optionally resized to size (w, h)."""
+    x0, y0, x1, y1 = content_box(frame_input.width, frame_input.height, canvas.shape[-1])
+    change = (canvas.float() - canvas_input.float())[None, :, y0:y1, x0:x1]  # (1, 3, h, w) on the canvas
+    change = torch.nn.functional.interpolate(change, size=(frame_input.height, frame_input.width), mode="bilinear",
+                                             align_corners=False)[0]  # (3, H, W) at the input's resolution
+    image = tensor_to_pil(pil_to_tensor(frame_input) + change)
+    return image.resize(size, Image.Resampling.BILINEAR) if size is not None and image.size != tuple(size) else image
+
+
 def labelled_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[Sequence[str]] | None = None,
                   cell: int = 96, header: int = 14) -> Image.Image:
     """Rows of images, each letterboxed into a cell, with an optional caption above each cell.

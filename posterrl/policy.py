@@ -66,6 +66,7 @@ class PolicySpec:
     input_concat: bool = False  # tiny_flux: the first input in the noisy tokens' channels (model.input_concat)
     residual: bool = False  # tiny_flux: latents of one-input samples are output - input (model.residual)
     stretch_rescaled_input: bool = False  # rescaling's input stretched to its output aspect (same key in model)
+    input_detail: bool = False  # tiny_flux: outputs of in-frame one-input edits keep the input's detail (same key)
     prediction: str = "velocity"  # tiny_flux: the transformer predicts v, or x0 (model.prediction)
 
     @property
@@ -236,6 +237,7 @@ class EditPolicy(nn.Module):
             input_concat=model.input_concat,
             residual=model.residual,
             stretch_rescaled_input=model.stretch_rescaled_input,
+            input_detail=model.input_detail,
             prediction=model.prediction,
         )
         te, tr = model.text_encoder, model.transformer

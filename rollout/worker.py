@@ -18,8 +18,8 @@ from PIL import Image
 from posterrl.batch import bucket_by_num_inputs, collate
 from posterrl.config import ModelConfig
 from posterrl.data.manifest import ManifestRow
+from posterrl.experience import output_images
 from posterrl.flow import SamplerConfig
-from posterrl.images import uncanvas
 from posterrl.policies import SAMPLING_DTYPES, build_policy, load_policy
 from posterrl.policy import quiet_model_libraries
 from posterrl.weight_sync import BroadcastGroup, Fingerprint, fingerprint, probe_inputs
@@ -48,6 +48,8 @@ class RolloutGroup:
     inputs:         (N, 3, R, R) the input canvases the samples were conditioned on, in [-1, 1]
     output_aspect:  (w, h) the outputs are cropped to
     policy_version: version of the weights that sampled them
+    frame_input:    the first input at its own resolution when the outputs add its detail (model.input_detail),
+                    else None
     """
 
     prompt_id: str
@@ -59,10 +61,11 @@ class RolloutGroup:
     seed: int
     policy_version: int
     latents: torch.Tensor | None = None
+    frame_input: Image.Image | None = None
 
     def output_images(self, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """The K samples as images at the output aspect, optionally resized to size (w, h)."""
-        return [uncanvas(s, self.output_aspect, size) for s in self.samples]
+        return output_images(self, size)
 
 
 class RolloutWorker:
@@ -188,5 +191,6 @@ class RolloutWorker:
                     seed=seeds[g],
                     policy_version=self.policy_version,
                     latents=None if out.latents is None else out.latents[g],
+                    frame_input=batch.frame_inputs[g] if self.policy.spec.input_detail else None,
                 )
         return [groups[r.id] for r in rows]

@@ -101,6 +101,10 @@ class ModelConfig(_Section):
     # policy its input stretched to the output's aspect, so that "no edit" is the stretched poster (what the
     # unedited-input baseline scores) and the policy learns to move the elements from there (docs/ablation.md).
     stretch_rescaled_input: bool = False
+    # tiny_flux with residual: a one-input edit whose input is already in the output's frame (extending, filling,
+    # identity-driven) is output as that input at its own resolution plus the canvas's change upsampled, so what
+    # the edit keeps keeps its detail (docs/ablation.md). Only the output images change; training sees canvases.
+    input_detail: bool = False
     # tiny_flux: the transformer's output projection starts at zero (DiT's adaLN-Zero convention), so an untrained
     # residual x0-predicting policy returns its input exactly and training starts from "do nothing".
     zero_init_output: bool = False

@@ -37,3 +37,41 @@ def test_rescaling_inputs_can_be_stretched_to_the_output_aspect(tmp_path):
     for row in rows:
         if row.task != "rescaling":
             assert torch.equal(collate([row], 32, stretch_rescaled=True).inputs, collate([row], 32).inputs), row.task
+
+
+def test_frame_inputs_are_the_one_input_rows_already_in_the_output_frame(tmp_path):
+    """model.input_detail adds back the detail of an input the output shares its frame with: extending, filling and
+    identity-driven (same size as the target); not rescaling (another aspect, stretched or not) nor the
+    compositions of several inputs."""
+    from posterrl.data.manifest import load_manifest, write_manifest
+    from posterrl.data.tasks import TASKS, build_samples, write_samples
+
+    write_manifest(write_samples(build_samples(0, seed=4, size=64, tasks=TASKS), tmp_path), tmp_path / "m.jsonl")
+    for row in load_manifest(tmp_path / "m.jsonl").rows:
+        for stretch in (False, True):
+            frame_input = collate([row], 32, stretch_rescaled=stretch).frame_inputs[0]
+            if row.task in ("extending", "filling", "identity-driven"):
+                assert frame_input is not None and frame_input.size == row.load_target().size, row.task
+                assert frame_input.tobytes() == row.load_inputs()[0].convert("RGB").tobytes()
+            else:
+                assert frame_input is None, row.task
+
+
+def test_uncanvas_detailed_keeps_the_input_where_the_canvas_did_not_change_it():
+    """The output is the input at its own resolution plus the canvas's change, upsampled: no change returns the
+    input exactly (the detail a 32 px canvas cannot hold included), a uniform change shifts every pixel by it."""
+    import numpy as np
+    from PIL import Image
+
+    from posterrl.images import canvas_tensor, uncanvas, uncanvas_detailed
+
+    rng = np.random.default_rng(0)
+    frame = Image.fromarray(rng.integers(30, 220, size=(48, 64, 3), dtype=np.uint8))  # (w, h) = (64, 48)
+    canvas_input = canvas_tensor(frame, 32)
+    kept = uncanvas_detailed(canvas_input.clone(), canvas_input, frame)
+    assert kept.size == frame.size and kept.tobytes() == frame.tobytes()
+    through_canvas = np.asarray(uncanvas(canvas_input, (64, 48), (64, 48)), dtype=np.float32)
+    assert np.abs(through_canvas - np.asarray(frame, dtype=np.float32)).mean() > 10  # what the canvas alone loses
+    brighter = np.asarray(uncanvas_detailed(canvas_input + 0.2, canvas_input, frame), dtype=np.int32)
+    assert np.abs(brighter - np.asarray(frame, dtype=np.int32) - 26).max() <= 1  # 0.2 of [-1, 1] is 25.5 levels
+    assert uncanvas_detailed(canvas_input, canvas_input, frame, size=(32, 24)).size == (32, 24)

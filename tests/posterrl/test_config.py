@@ -127,6 +127,8 @@ def test_cross_field_errors_explain_the_keys():
         load_config("configs/tiny.yaml", ["stages=[data,rl]", "rollout.group_size=1"])
     with pytest.raises(ConfigError, match="data.n_reward=10 generates reward-stage posters, but data.train_manifest"):
         load_config("configs/tiny.yaml", ["data.n_reward=10", "data.train_manifest=x.jsonl"])
+    with pytest.raises(ConfigError, match="model.input_detail=true adds the input's detail .* set model.residual"):
+        load_config("configs/tiny.yaml", ["model.input_detail=true", "model.residual=false"])
 
 
 def test_stage_sections_cross_field_errors():

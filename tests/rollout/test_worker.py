@@ -42,6 +42,25 @@ def test_a_prompt_samples_the_same_in_any_batch(worker, rows):
     assert torch.allclose(alone.samples, in_batch.samples, atol=1e-5)
 
 
+def test_input_detail_outputs_keep_the_input_where_the_sample_left_it(tiny_config, tiny_policy, rows):
+    """model.input_detail: the groups of in-frame one-input rows carry their first input, and a sample equal to its
+    input canvas comes out as that input at full resolution; without the option nothing changes."""
+    without = RolloutWorker(model={**tiny_config.model.model_dump(mode="json"), "input_detail": False})
+    assert all(g.frame_input is None for g in without.sample(rows, 1, 0, SamplerConfig(num_steps=1)))
+    model = {**tiny_config.model.model_dump(mode="json"), "residual": True, "input_detail": True}
+    worker = RolloutWorker(model=model)
+    worker.load_weights(tiny_policy.state_dict(), version=1)
+    groups = worker.sample(rows, group_size=2, base_seed=0, sampler=SamplerConfig(num_steps=1))
+    for group, row in zip(groups, rows):
+        if row.task in ("extending", "filling", "identity-driven"):
+            assert group.frame_input is not None, row.task
+            group.samples = group.inputs[:1].expand(2, -1, -1, -1).clone()
+            images = group.output_images(size=row.load_target().size)
+            assert all(image.tobytes() == row.load_inputs()[0].convert("RGB").tobytes() for image in images)
+        else:
+            assert group.frame_input is None, row.task
+
+
 def test_worker_needs_exactly_one_source():
     with pytest.raises(ValueError, match="exactly one"):
         RolloutWorker()
