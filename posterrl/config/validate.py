@@ -61,7 +61,7 @@ def model_problems(cfg: Config) -> list[str]:
     if m.kind == "tiny_flux" and m.lora.rank:
         problems.append(f"model.lora.rank={m.lora.rank}: LoRA applies to the released pipelines (model.kind "
                         "flux_kontext, qwen_image_edit); tiny_flux trains in full, set model.lora.rank=0")
-    if m.input_detail and not m.residual:
+    if m.kind == "tiny_flux" and m.input_detail and not m.residual:
         problems.append("model.input_detail=true adds the input's detail to the change a residual policy makes; "
                         "set model.residual=true as well, or model.input_detail=false")
     for key in ("input_concat", "residual", "input_detail"):

@@ -162,6 +162,7 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_ray_starts(tmp_path)
     proc = posterrl("run", "configs/tiny.yaml", "model.kind=flux_kontext", f"model.pretrained_path={tmp_path}",
                     # the tiny pixel policy's options, which a released pipeline refuses
                     "model.residual=false", "model.input_concat=false", "model.prediction=velocity",
+                    "model.input_detail=false",
                     "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
     assert "no model_index.json" in proc.stdout and "FluxKontextPipeline" in proc.stdout
