@@ -54,7 +54,7 @@ def uncanvas(tensor: torch.Tensor, aspect: Sequence[float], size: tuple[int, int
     """Crop a (3, R, R) canvas back to an image of the given aspect [w, h], optionally resized to size (w, h)."""
     image = tensor_to_pil(tensor)
     crop = image.crop(content_box(aspect[0], aspect[1], tensor.shape[-1]))
-    return crop.resize(size, Image.Resampling.BILINEAR) if size is not None and crop.size != tuple(size) else crop
+    return _resized(crop, size)
 
 
 def uncanvas_detailed(canvas: torch.Tensor, canvas_input: torch.Tensor, frame_input: Image.Image,
@@ -66,7 +66,10 @@ def uncanvas_detailed(canvas: torch.Tensor, canvas_input: torch.Tensor, frame_in
     change = (canvas.float() - canvas_input.float())[None, :, y0:y1, x0:x1]  # (1, 3, h, w) on the canvas
     change = torch.nn.functional.interpolate(change, size=(frame_input.height, frame_input.width), mode="bilinear",
                                              align_corners=False)[0]  # (3, H, W) at the input's resolution
-    image = tensor_to_pil(pil_to_tensor(frame_input) + change)
+    return _resized(tensor_to_pil(pil_to_tensor(frame_input) + change), size)
+
+
+def _resized(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR) if size is not None and image.size != tuple(size) else image
 
 
